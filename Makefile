@@ -1,0 +1,28 @@
+# The two commands a newcomer needs:  `make bench` (install + run the main job)  and  `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install test test-cpu test-triton cuda-check bench
+
+# torch is pinned to the CPU wheel and installed first, on its own: an unpinned torch (or a package asking
+# for one) would download a multi-GB CUDA build. The extension builds against that torch
+# (--no-build-isolation), so nothing else is pulled in.
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q ninja numpy triton==3.9.0 pytest pytest-benchmark hypothesis expecttest tqdm pyyaml safetensors
+	$(PIP) install -q peft==0.21.2 mergekit==0.1.5
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+cuda-check:
+	bash tools/check_cuda.sh
+
+test-cpu:
+	$(PYTHON) -m pytest -q -m "not triton"
+
+test-triton:
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m triton
+
+test: install cuda-check test-cpu test-triton
+
+bench: install
+	$(PYTHON) -m pykernels bench

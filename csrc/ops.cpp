@@ -1,0 +1,31 @@
+// Every pykernels C++ operator schema, defined once. Backends register implementations with
+// TORCH_LIBRARY_IMPL(pykernels, CPU|CUDA, m) in csrc/cpu and csrc/cuda; fake (meta) implementations
+// live in pykernels/_ops.py. The semantics of each op are those of its reference in pykernels/reference.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// pykernels._C is imported only for its side effect of registering the operators below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pykernels, m) {
+  // Family 1 / 2: magnitude top-k thresholds of task vectors d_i = tensors[i] - base (base may be None: d_i =
+  // tensors[i]). Returns int64 (N, 2): (key, cutoff) per model; element j is kept iff
+  // mkey(d_ij) > key or (mkey(d_ij) == key and j <= cutoff). See reference.selection.delta_topk_thresholds.
+  m.def("delta_topk_thresholds(Tensor? base, Tensor[] tensors, int[] ks) -> Tensor");
+  // l1 norms for rescaling: float64 (N, 2) = (sum |d_i|, sum |kept d_i|). See reference.merging.delta_l1_norms.
+  m.def(
+      "delta_l1_norms(Tensor? base, Tensor[] tensors, int sparsifier, Tensor thresholds, float[] keep_probs, "
+      "int seed) -> Tensor");
+  // The fused merge pass. See reference.merging.fused_merge.
+  m.def(
+      "fused_merge(Tensor? base, Tensor[] tensors, int sparsifier, Tensor thresholds, float[] keep_probs, "
+      "int seed, Tensor scales, float[] weights, int sign_source, int consensus, int divisor, bool normalize, "
+      "float lambda_, ScalarType out_dtype) -> Tensor");
+  // Philox uniforms, bit-identical to triton.language.rand(seed, offset + arange(n)): float32 (n,).
+  m.def("philox_uniform(int seed, int offset, int n) -> Tensor");
+}

@@ -1,0 +1,103 @@
+"""`pykernels` console script: bench (the main job) and check (every kernel against its reference)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import date
+
+import torch
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {date.today().isoformat()}"
+
+
+def bench(args) -> int:
+    from . import benchmarking as b
+
+    shape = b.SIZES[args.size]
+    print(f"pykernels bench: merging, N=3 models + base, shape {shape}, density 0.2, {args.threads} threads")
+    print(f"machine: {_machine()}")
+    rows = b.merging_table(shape=shape, threads=args.threads, repeats=args.repeats,
+                           progress=lambda s: print(s, file=sys.stderr, flush=True))
+    print(b.format_merging_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": _machine(), "merging": rows}, f, indent=1)
+    if args.plot:
+        plot_speedups(rows, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def plot_speedups(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['method']}\n{r['dtype']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
+    peers = [p for p in ("reference", "mergekit", "peft") if any(p in r for r in rows)]
+    width = 0.8 / max(1, len(peers))
+    for i, peer in enumerate(peers):
+        ys = [r[peer]["seconds"] / r["pykernels"]["seconds"] if "seconds" in r.get(peer, {}) else 0 for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], ys, width, label=f"vs {peer}")
+    ax.set_yscale("log")
+    ax.set_ylabel("speed-up of pykernels (x)")
+    ax.set_xticks([x + width * (len(peers) - 1) / 2 for x in range(len(rows))], labels, fontsize=7)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def check(args) -> int:
+    """Every kernel of every available CPU backend against the reference, on small random inputs."""
+    import pykernels as pk
+    from . import _backend
+
+    backends = [b for b in ("cpp", "triton") if _backend._unavailable(b, torch.device("cpu")) is None]
+    failures = 0
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(257, 31, generator=g)
+    tensors = [base + 0.1 * torch.randn(257, 31, generator=g) for _ in range(3)]
+    for backend in backends:
+        for method in pk.METHODS:
+            kw = {"densities": 0.3} if method in ("ties", "dare_ties", "dare_linear") else {}
+            b = None if method == "linear" else base
+            want = pk.merge(b, tensors, method, backend="reference", **kw)
+            got = pk.merge(b, tensors, method, backend=backend, **kw)
+            ok = torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} merging.{method:16s} {backend}")
+    print(f"{len(backends) * len(pk.METHODS) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pykernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("bench", help="run the benchmark suite (each kernel vs reference vs peers vs floor)")
+    p.add_argument("--family", default="merging", choices=["merging"])
+    p.add_argument("--size", default="default", choices=["default", "small", "tiny"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the results as JSON")
+    p.add_argument("--plot", help="also draw the speed-ups as a PNG chart")
+    p.set_defaults(run=bench)
+    p = sub.add_parser("check", help="check every kernel against its reference on this machine")
+    p.set_defaults(run=check)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Fused task-vector sparsification and merging (DESIGN.md section 3).
+
+Every merge is one streaming engine: an optional selection pass (exact magnitude top-k thresholds, or l1
+norms for rescaling) and one merge pass that recomputes d_i = t_i - base in float32, applies the masks,
+elects signs and writes the output. No N-fold stack of task vectors is ever built.
+
+Peak extra memory: the output tensor, plus for the cpp backend per-thread 2^16-bin histograms per model and
+O(N) scalars; non-contiguous inputs are copied once to contiguous memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from . import _backend, _ops
+from .reference.merging import CONSENSUS, DIVISORS, SIGN_SOURCES, SPARSIFIERS
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_MODELS = 64
+RESCALES = ("none", "l1", "inverse")
+K_RULES = ("strict", "floor", "at_least_one")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A merge method as engine parameters (mergekit's defaults for normalize and rescale)."""
+
+    sparsifier: str = "none"
+    consensus: str = "none"
+    normalize: bool = False
+    rescale: str = "none"
+    uses_base: bool = True
+
+
+METHODS = {
+    "linear": Preset(normalize=True, uses_base=False),
+    "task_arithmetic": Preset(),
+    "ties": Preset(sparsifier="magnitude", consensus="sum", normalize=True),
+    "dare_ties": Preset(sparsifier="random", consensus="sum", rescale="l1"),
+    "dare_linear": Preset(sparsifier="random", rescale="l1"),
+}
+
+
+# --- argument checks: every message names the argument and the value ----------------------------------
+
+def _check_tensors(base, tensors) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"tensors must be a list of tensors, got {type(tensors).__name__}")
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("tensors must hold at least one tensor, got an empty list")
+    if len(tensors) > MAX_MODELS:
+        raise ValueError(f"at most {MAX_MODELS} tensors can be merged at once, got {len(tensors)}")
+    named = ([("base", base)] if base is not None else []) + [(f"tensors[{i}]", t) for i, t in enumerate(tensors)]
+    ref_name, ref = named[0]
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float32, bfloat16 and float16")
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    return tensors
+
+
+def _per_model(value, n: int, name: str, default: float) -> list[float]:
+    if value is None:
+        return [default] * n
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    values = list(value) if isinstance(value, Sequence) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but there are {n} tensors")
+    values = [float(v) for v in values]
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ValueError(f"{name}[{i}] must be finite, got {v}")
+    return values
+
+
+def _check_densities(densities: list[float]) -> None:
+    for i, rho in enumerate(densities):
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"densities[{i}] must lie in [0, 1], got {rho}")
+
+
+def _topk_counts(densities: list[float], numel: int, k_rule: str) -> list[int]:
+    ks = []
+    for i, rho in enumerate(densities):
+        k = int(rho * numel)
+        if k_rule == "at_least_one" and rho > 0:
+            k = max(1, k)
+        if k_rule == "strict" and rho > 0 and k == 0 and numel > 0:
+            raise ValueError(f"densities[{i}]={rho} keeps no element of a tensor with {numel} elements "
+                             f"(k = int(density * numel) = 0); raise the density or use density 0")
+        ks.append(min(k, numel))
+    return ks
+
+
+def _check_finite(base, tensors) -> None:
+    named = ([("base", base)] if base is not None else []) + [(f"tensors[{i}]", t) for i, t in enumerate(tensors)]
+    for name, t in named:
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
+
+
+def _rescale_name(rescale, preset_default: str) -> str:
+    if rescale is None:
+        return preset_default
+    if rescale is True:
+        return "l1"
+    if rescale is False:
+        return "none"
+    if rescale not in RESCALES:
+        raise ValueError(f"rescale must be a bool or one of {RESCALES}, got {rescale!r}")
+    return rescale
+
+
+def _choice(value: str, options: dict | tuple, name: str) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value
+
+
+# --- the engine -----------------------------------------------------------------------------------------
+
+def _scales(ops, base, tensors, rescale, sparsifier_code, thresholds, densities, seed, device) -> torch.Tensor:
+    n = len(tensors)
+    if rescale == "none":
+        return torch.ones(n, dtype=torch.float32, device=device)
+    if rescale == "inverse":
+        return torch.tensor([1.0 / p if p > 0 else 1.0 for p in densities], dtype=torch.float32, device=device)
+    norms = ops.delta_l1_norms(base, tensors, sparsifier_code, thresholds, densities, seed)
+    before, after = norms[:, 0], norms[:, 1]
+    # mergekit: skip the rescale when either norm is tiny; NaN norms fall through and propagate.
+    skip = (before < 1e-7) | (after < 1e-7)
+    return torch.where(skip, torch.ones_like(before), before / after).to(torch.float32)
+
+
+def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: str = "task_arithmetic", *,
+          weights=None, densities=None, normalize: bool | None = None, rescale=None, lambda_: float = 1.0,
+          seed: int = 0, consensus: str | None = None, sign_source: str = "weighted", divisor: str = "weights",
+          k_rule: str = "strict", check_finite: bool = False, backend: str | None = None,
+          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Merge fine-tuned `tensors` into `base` with `method` (mergekit semantics; DESIGN.md section 3).
+
+    Args:
+        base: the base model's tensor, or None when `tensors` are task vectors already (and for "linear").
+        tensors: N = 1..64 fine-tuned tensors, any mix of float32/bfloat16/float16, same shape as base.
+        method: one of METHODS.
+        weights: per-model weights (default 1.0). densities: per-model keep fractions in [0, 1].
+        normalize: divide by the sum of (agreeing) weights; default per method.
+        rescale: False/"none", True/"l1" (mergekit: l1-norm matching), "inverse" (1/density, DARE paper/peft).
+        consensus: sign election "sum", "count" or "none"; default per method.
+        sign_source: elect signs on "weighted" (mergekit) or "unweighted" (peft) sparsified task vectors.
+        divisor: normalize by the sum of agreeing "weights" (mergekit) or their "count" (peft).
+        k_rule: magnitude top-k size: "strict" k = int(density*numel), an error when that is 0 for density > 0;
+            "floor" the same without the error (peft); "at_least_one" max(1, ...) (mergekit).
+        seed: counter-based stream for random masks; same seed gives the same masks on every backend.
+        check_finite: raise on NaN/Inf inputs instead of propagating them (a non-finite input gives NaN).
+        out_dtype: output dtype (default: base's dtype, or the first tensor's without a base).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    preset = METHODS[method]
+    if not preset.uses_base and base is not None:
+        raise ValueError(f"method {method!r} averages the tensors themselves: pass base=None")
+    tensors = _check_tensors(base, tensors)
+    n = len(tensors)
+    weights = _per_model(weights, n, "weights", 1.0)
+    if preset.sparsifier == "none" and densities is not None:
+        raise ValueError(f"densities have no effect with method {method!r}; leave them out")
+    densities = _per_model(densities, n, "densities", 1.0)
+    _check_densities(densities)
+    if not math.isfinite(float(lambda_)):
+        raise ValueError(f"lambda_ must be finite, got {lambda_}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    preset = replace(
+        preset,
+        consensus=_choice(consensus if consensus is not None else preset.consensus, CONSENSUS, "consensus"),
+        normalize=preset.normalize if normalize is None else bool(normalize),
+        rescale=_rescale_name(rescale, preset.rescale),
+    )
+    _choice(sign_source, SIGN_SOURCES, "sign_source")
+    _choice(divisor, DIVISORS, "divisor")
+    _choice(k_rule, K_RULES, "k_rule")
+    ref = base if base is not None else tensors[0]
+    out_dtype = ref.dtype if out_dtype is None else out_dtype
+    if out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    if check_finite:
+        _check_finite(base, tensors)
+    backend = _backend.resolve(backend, ref.device)
+    return _run(_ops.primitives(backend), base, tensors, preset, weights, densities, float(lambda_), seed,
+                sign_source, divisor, k_rule, out_dtype)
+
+
+def _run(ops, base, tensors, preset: Preset, weights, densities, lambda_, seed, sign_source, divisor, k_rule,
+         out_dtype) -> torch.Tensor:
+    device = tensors[0].device
+    sparsifier = SPARSIFIERS[preset.sparsifier]
+    if preset.sparsifier == "magnitude":
+        thresholds = ops.delta_topk_thresholds(base, tensors, _topk_counts(densities, tensors[0].numel(), k_rule))
+    else:
+        thresholds = torch.zeros((len(tensors), 2), dtype=torch.int64, device=device)
+    scales = _scales(ops, base, tensors, preset.rescale, sparsifier, thresholds, densities, seed, device)
+    return ops.fused_merge(base, tensors, sparsifier, thresholds, densities, seed, scales, weights,
+                           SIGN_SOURCES[sign_source], CONSENSUS[preset.consensus], DIVISORS[divisor],
+                           preset.normalize, lambda_, out_dtype)
+
+
+def sparsify(delta: torch.Tensor, method: str, density: float, *, gamma: float | None = None,
+             epsilon: float | None = None, rescale=None, seed: int = 0, k_rule: str = "strict",
+             backend: str | None = None) -> torch.Tensor:
+    """Sparsify one task vector: "magnitude" (exact top-k, ties by index) or "random" (DARE).
+
+    rescale defaults to "none" for magnitude and "inverse" (1/density) for random. gamma and epsilon belong
+    to the rank-based methods (breadcrumbs, DELLA), which are not available yet.
+    """
+    defaults = {"magnitude": "none", "random": "inverse"}
+    if method not in defaults:
+        raise ValueError(f"method must be one of {tuple(defaults)}, got {method!r}")
+    if gamma is not None or epsilon is not None:
+        raise ValueError(f"gamma and epsilon do not apply to method {method!r}")
+    tensors = _check_tensors(None, [delta])
+    densities = _per_model([density], 1, "density", 1.0)
+    _check_densities(densities)
+    _choice(k_rule, K_RULES, "k_rule")
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    preset = Preset(sparsifier=method, rescale=_rescale_name(rescale, defaults[method]))
+    ops = _ops.primitives(_backend.resolve(backend, delta.device))
+    return _run(ops, None, tensors, preset, [1.0], densities, 1.0, seed, "weighted", "weights", k_rule, delta.dtype)
+
+
+# --- one function per method ----------------------------------------------------------------------------
+
+def linear(tensors, *, weights=None, normalize: bool = True, **kwargs) -> torch.Tensor:
+    """Weighted average of the tensors: sum_i w_i t_i / sum_i w_i."""
+    return merge(None, tensors, "linear", weights=weights, normalize=normalize, **kwargs)
+
+
+def task_arithmetic(base, tensors, *, weights=None, lambda_: float = 1.0, **kwargs) -> torch.Tensor:
+    """base + lambda * sum_i w_i (t_i - base)."""
+    return merge(base, tensors, "task_arithmetic", weights=weights, lambda_=lambda_, **kwargs)
+
+
+def ties(base, tensors, *, weights=None, densities=None, **kwargs) -> torch.Tensor:
+    """TIES: magnitude top-k per task vector, sum sign election, disjoint mean (normalize=True)."""
+    return merge(base, tensors, "ties", weights=weights, densities=densities, **kwargs)
+
+
+def dare_ties(base, tensors, *, weights=None, densities=None, seed: int = 0, **kwargs) -> torch.Tensor:
+    """DARE + TIES: random keep with probability density, l1 rescale, sum sign election."""
+    return merge(base, tensors, "dare_ties", weights=weights, densities=densities, seed=seed, **kwargs)
+
+
+def dare_linear(base, tensors, *, weights=None, densities=None, seed: int = 0, **kwargs) -> torch.Tensor:
+    """DARE: random keep with probability density, l1 rescale, weighted sum."""
+    return merge(base, tensors, "dare_linear", weights=weights, densities=densities, seed=seed, **kwargs)
