@@ -31,7 +31,7 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
         sources = cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/bindings.cpp"]
-        nvcc = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        nvcc = ["-O3", "-std=c++17", "-fmad=false", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         return cpp_extension.CUDAExtension(
             "pykernels._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx + ["-DPYKERNELS_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=["-fopenmp"],

@@ -1,7 +1,7 @@
 """Backend choice (DESIGN.md section 2): explicit, checked, never a silent fallback."""
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -9,8 +9,7 @@ import torch
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 
 
-@functools.cache
-def cpp_available() -> bool:
+def _load_extension() -> bool:
     try:
         import pykernels._C  # noqa: F401  (registers torch.ops.pykernels.*)
     except ImportError:
@@ -18,18 +17,23 @@ def cpp_available() -> bool:
     return True
 
 
-@functools.cache
+_CPP = _load_extension()
+_CUDA = _CPP and torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::fused_merge", "CUDA")
+
+
+def cpp_available() -> bool:
+    return _CPP
+
+
 def cuda_built() -> bool:
-    return cpp_available() and torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::fused_merge", "CUDA")
+    return _CUDA
 
 
-@functools.cache
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON
 
 
 def triton_interpreted() -> bool:

@@ -5,8 +5,7 @@ delta_topk_thresholds, delta_l1_norms, fused_merge.
 """
 from __future__ import annotations
 
-import types
-from typing import List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -73,20 +72,22 @@ if _backend.cpp_available():
     _register_cpp_fakes()
 
 
-def _cpp_primitives():
-    ops = torch.ops.pykernels
-    return types.SimpleNamespace(delta_topk_thresholds=ops.delta_topk_thresholds,
-                                 delta_l1_norms=ops.delta_l1_norms, fused_merge=ops.fused_merge)
+class Primitives(NamedTuple):
+    delta_topk_thresholds: Callable
+    delta_l1_norms: Callable
+    fused_merge: Callable
 
 
-def primitives(backend: str) -> types.SimpleNamespace:
+# Built once at import so torch.compile sees plain globals.
+_PRIMITIVES = {
+    "reference": Primitives(ref_selection.delta_topk_thresholds, ref_merging.delta_l1_norms, ref_merging.fused_merge),
+    "triton": Primitives(triton_delta_topk_thresholds, triton_delta_l1_norms, triton_fused_merge),
+}
+if _backend.cpp_available():
+    _PRIMITIVES["cpp"] = _PRIMITIVES["cuda"] = Primitives(
+        torch.ops.pykernels.delta_topk_thresholds, torch.ops.pykernels.delta_l1_norms, torch.ops.pykernels.fused_merge)
+
+
+def primitives(backend: str) -> Primitives:
     """The merge primitives of a resolved backend name."""
-    if backend == "reference":
-        return types.SimpleNamespace(delta_topk_thresholds=ref_selection.delta_topk_thresholds,
-                                     delta_l1_norms=ref_merging.delta_l1_norms, fused_merge=ref_merging.fused_merge)
-    if backend in ("cpp", "cuda"):
-        return _cpp_primitives()
-    if backend == "triton":
-        return types.SimpleNamespace(delta_topk_thresholds=triton_delta_topk_thresholds,
-                                     delta_l1_norms=triton_delta_l1_norms, fused_merge=triton_fused_merge)
-    raise ValueError(f"unknown backend {backend!r}")
+    return _PRIMITIVES[backend]

@@ -31,6 +31,7 @@ def run(method, base, tensors, backend, **kwargs):
     args = dict(METHOD_ARGS[method], weights=WEIGHTS[: len(tensors)], **kwargs)
     if "densities" in args:
         args["densities"] = args["densities"][: len(tensors)]
+        args["k_rule"] = "at_least_one"  # a 1-element tensor at density 0.5 keeps one, as mergekit does
     if method == "linear":
         return pk.merge(None, tensors, method, backend=backend, **args)
     return pk.merge(base, tensors, method, backend=backend, **args)

@@ -151,6 +151,51 @@ PK_HD bool keep_element(const SparsifyArgs& s, int m, float d, int64_t j) {
   return true;
 }
 
+// Host-side construction of SparsifyArgs from the op arguments (keep_probs: n doubles, read for kRandom only;
+// thresholds: the (n, 2) (key, cutoff) array the kernels read, for kMagnitude only).
+inline SparsifyArgs make_sparsify_args(int sparsifier, const int64_t* thresholds, const double* keep_probs,
+                                       int64_t seed, int n) {
+  SparsifyArgs s{};
+  s.sparsifier = sparsifier;
+  s.thresholds = sparsifier == kMagnitude ? thresholds : nullptr;
+  s.keep_all = 0;
+  if (sparsifier == kRandom) {
+    for (int m = 0; m < n; ++m) {
+      if (keep_probs[m] >= 1.0) s.keep_all |= uint64_t(1) << m;
+      s.keep_prob[m] = static_cast<float>(keep_probs[m]);
+      s.seed[m] = model_seed(static_cast<uint64_t>(seed), m);
+    }
+  }
+  return s;
+}
+
+// The merge settings of fused_merge as the kernel receives them (weights by value, scales by pointer).
+struct MergeSettings {
+  const float* scales;  // (n,) float32, readable where the kernel runs
+  float weights[kMaxModels];
+  int sign_source;
+  int consensus;
+  int divisor;
+  bool normalize;
+  float lambda;
+};
+
+// The MergeParams of merge_element(); `weights` must outlive the result (it points into s).
+PK_HD MergeParams merge_params_of(const MergeSettings& s, int n, bool has_base) {
+  MergeParams p;
+  p.n = n;
+  p.weights = s.weights;
+  p.scales = s.scales;
+  p.sign_source = s.sign_source;
+  p.consensus = s.consensus;
+  p.divisor = s.divisor;
+  p.normalize = s.normalize;
+  p.lambda = s.lambda;
+  p.static_divisor = static_divisor(n, s.weights, s.divisor);
+  p.has_base = has_base;
+  return p;
+}
+
 // One output element of fused_merge (before the cast to out_dtype). p.n == in.n, p.has_base == (in.base != 0).
 PK_HD float fused_merge_element(const DeltaInputs& in, const SparsifyArgs& s, const MergeParams& p, int64_t j) {
   float d[kMaxModels];

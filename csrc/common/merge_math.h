@@ -13,7 +13,7 @@ constexpr int64_t kKeepNone = int64_t(1) << 32;  // magnitude threshold above ev
 enum Sparsifier : int { kNoSparsify = 0, kMagnitude = 1, kRandom = 2 };
 enum SignSource : int { kWeighted = 0, kUnweighted = 1 };
 enum Consensus : int { kNoConsensus = 0, kSum = 1, kCount = 2 };
-enum Divisor : int { kWeights = 0, kCount = 1 };
+enum Divisor : int { kWeights = 0, kModelCount = 1 };  // kCount would clash with Consensus::kCount
 
 // Order-preserving key of |x|: -0 == +0, NaN above +inf.
 PK_HD uint32_t magnitude_key(float x) {
@@ -58,7 +58,7 @@ struct MergeParams {
 // Divisor used when there is no sign consensus: the float32 sum of the weights in order (|sum| < 1e-8 -> 1),
 // or the number of models.
 PK_HD float static_divisor(int n, const float* weights, int divisor) {
-  if (divisor == kCount) return static_cast<float>(n);
+  if (divisor == kModelCount) return static_cast<float>(n);
   float total = 0.f;
   for (int m = 0; m < n; ++m) total += weights[m];
   return (total < 1e-8f && total > -1e-8f) ? 1.f : total;

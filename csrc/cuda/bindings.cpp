@@ -1,0 +1,220 @@
+// CUDA implementations of the pykernels family-1 ops (schemas in csrc/ops.cpp): thin glue that checks the
+// arguments, makes the inputs contiguous, sets the device guard and the current stream, and calls the
+// launchers of csrc/cuda/merging.cu. Built only against a CUDA torch (setup.py adds it with the .cu files).
+//
+// Results stay on the inputs' device: delta_topk_thresholds -> int64 (N, 2), delta_l1_norms -> float64 (N, 2),
+// fused_merge -> tensor shaped like tensors[0]. Nothing here synchronises with the device (the selection
+// passes hand their state over in device memory), except copying CPU `thresholds` / `scales` to the device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "cuda/merging.h"
+
+namespace {
+
+using pykernels::DeltaInputs;
+using pykernels::SparsifyArgs;
+using pykernels::kMaxModels;
+
+int dtype_code(at::ScalarType type, const char* op, const char* what) {
+  switch (type) {
+    case at::kFloat:
+      return pykernels::kFloat32;
+    case at::kBFloat16:
+      return pykernels::kBFloat16;
+    case at::kHalf:
+      return pykernels::kFloat16;
+    default:
+      TORCH_CHECK(false, "pykernels.", op, ": ", what, " must be float32, bfloat16 or float16, got ", type);
+  }
+  return -1;
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "pykernels.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// Contiguous inputs (kept alive here until the op returns; the caching allocator orders their reuse on the
+// current stream) and their raw description for the launchers.
+struct Inputs {
+  std::vector<at::Tensor> owned;
+  DeltaInputs in{};
+};
+
+Inputs prepare_inputs(const std::optional<at::Tensor>& base, at::TensorList tensors, const char* op) {
+  TORCH_CHECK(!tensors.empty(), "pykernels.", op, ": tensors must hold at least one tensor");
+  TORCH_CHECK(tensors.size() <= static_cast<size_t>(kMaxModels), "pykernels.", op, ": at most ", kMaxModels,
+              " tensors are supported, got ", tensors.size());
+  const at::Tensor& first = tensors[0];
+  TORCH_CHECK(first.is_cuda(), "pykernels.", op, ": tensors[0] must be a CUDA tensor, got device ", first.device());
+  Inputs r;
+  r.in.n = static_cast<int>(tensors.size());
+  r.in.numel = first.numel();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device() == first.device(), "pykernels.", op, ": tensors[", i, "] is on ", t.device(),
+                " but tensors[0] is on ", first.device());
+    TORCH_CHECK(t.sizes() == first.sizes(), "pykernels.", op, ": tensors[", i, "] has shape ", t.sizes(),
+                " but tensors[0] has shape ", first.sizes());
+    r.in.dtype[i] = dtype_code(t.scalar_type(), op, "every tensor");
+    r.owned.push_back(t.contiguous());
+    r.in.data[i] = r.owned.back().data_ptr();
+  }
+  r.in.base = nullptr;
+  r.in.base_dtype = pykernels::kFloat32;
+  if (base.has_value() && base->defined()) {
+    const at::Tensor& b = *base;
+    TORCH_CHECK(b.device() == first.device(), "pykernels.", op, ": base is on ", b.device(),
+                " but tensors[0] is on ", first.device());
+    TORCH_CHECK(b.sizes() == first.sizes(), "pykernels.", op, ": base has shape ", b.sizes(),
+                " but tensors[0] has shape ", first.sizes());
+    r.in.base_dtype = dtype_code(b.scalar_type(), op, "base");
+    r.owned.push_back(b.contiguous());
+    r.in.base = r.owned.back().data_ptr();
+  }
+  return r;
+}
+
+// The sparsifier arguments; `owned_thresholds` keeps the device copy of the thresholds alive.
+SparsifyArgs prepare_sparsify(int64_t sparsifier, const at::Tensor& thresholds, at::ArrayRef<double> keep_probs,
+                              int64_t seed, int n, const at::Device& device, at::Tensor* owned_thresholds,
+                              const char* op) {
+  TORCH_CHECK(sparsifier >= 0 && sparsifier <= 2, "pykernels.", op,
+              ": sparsifier must be 0 (none), 1 (magnitude) or 2 (random), got ", sparsifier);
+  const int64_t* thresholds_dev = nullptr;
+  if (sparsifier == pykernels::kMagnitude) {
+    TORCH_CHECK(thresholds.defined() && thresholds.dim() == 2 && thresholds.size(0) == n && thresholds.size(1) == 2,
+                "pykernels.", op, ": thresholds must have shape (", n, ", 2), got ",
+                thresholds.defined() ? thresholds.sizes() : at::IntArrayRef{});
+    TORCH_CHECK(!at::isFloatingType(thresholds.scalar_type()) && !at::isComplexType(thresholds.scalar_type()),
+                "pykernels.", op, ": thresholds must be an integer tensor, got ", thresholds.scalar_type());
+    *owned_thresholds = thresholds.to(device, at::kLong).contiguous();
+    thresholds_dev = owned_thresholds->data_ptr<int64_t>();
+  } else if (sparsifier == pykernels::kRandom) {
+    TORCH_CHECK(keep_probs.size() == static_cast<size_t>(n), "pykernels.", op, ": keep_probs must hold ", n,
+                " values, got ", keep_probs.size());
+  }
+  return pykernels::make_sparsify_args(static_cast<int>(sparsifier), thresholds_dev, keep_probs.data(), seed, n);
+}
+
+at::Tensor delta_topk_thresholds_cuda(const std::optional<at::Tensor>& base, at::TensorList tensors,
+                                      at::IntArrayRef ks) {
+  constexpr const char* op = "delta_topk_thresholds";
+  Inputs inputs = prepare_inputs(base, tensors, op);
+  const int n = inputs.in.n;
+  TORCH_CHECK(ks.size() == static_cast<size_t>(n), "pykernels.", op, ": ks must hold ", n, " values, got ",
+              ks.size());
+  for (int m = 0; m < n; ++m) {
+    TORCH_CHECK(ks[m] >= 0 && ks[m] <= inputs.in.numel, "pykernels.", op, ": ks[", m, "] must be in [0, ",
+                inputs.in.numel, "], got ", ks[m]);
+  }
+  const at::Tensor& first = tensors[0];
+  c10::cuda::CUDAGuard guard(first.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();
+  at::Tensor out = at::empty({n, 2}, first.options().dtype(at::kLong));
+  const size_t workspace_bytes = pykernels::gpu::delta_topk_workspace_bytes(n, inputs.in.numel);
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(workspace_bytes)}, first.options().dtype(at::kByte));
+  check_launch(pykernels::gpu::delta_topk_thresholds(inputs.in, ks.data(), workspace.data_ptr(), workspace_bytes,
+                                                      out.data_ptr<int64_t>(), stream),
+               op);
+  return out;
+}
+
+at::Tensor delta_l1_norms_cuda(const std::optional<at::Tensor>& base, at::TensorList tensors, int64_t sparsifier,
+                               const at::Tensor& thresholds, at::ArrayRef<double> keep_probs, int64_t seed) {
+  constexpr const char* op = "delta_l1_norms";
+  Inputs inputs = prepare_inputs(base, tensors, op);
+  const int n = inputs.in.n;
+  const at::Tensor& first = tensors[0];
+  c10::cuda::CUDAGuard guard(first.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();
+  at::Tensor owned_thresholds;
+  const SparsifyArgs sparsify =
+      prepare_sparsify(sparsifier, thresholds, keep_probs, seed, n, first.device(), &owned_thresholds, op);
+  at::Tensor out = at::empty({n, 2}, first.options().dtype(at::kDouble));
+  const size_t workspace_bytes = pykernels::gpu::delta_l1_workspace_bytes(n, inputs.in.numel);
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(workspace_bytes)}, first.options().dtype(at::kByte));
+  check_launch(pykernels::gpu::delta_l1_norms(inputs.in, sparsify, workspace.data_ptr(), workspace_bytes,
+                                               out.data_ptr<double>(), stream),
+               op);
+  return out;
+}
+
+at::Tensor fused_merge_cuda(const std::optional<at::Tensor>& base, at::TensorList tensors, int64_t sparsifier,
+                            const at::Tensor& thresholds, at::ArrayRef<double> keep_probs, int64_t seed,
+                            const at::Tensor& scales, at::ArrayRef<double> weights, int64_t sign_source,
+                            int64_t consensus, int64_t divisor, bool normalize, double lambda_,
+                            at::ScalarType out_dtype) {
+  constexpr const char* op = "fused_merge";
+  Inputs inputs = prepare_inputs(base, tensors, op);
+  const int n = inputs.in.n;
+  const at::Tensor& first = tensors[0];
+  TORCH_CHECK(weights.size() == static_cast<size_t>(n), "pykernels.", op, ": weights must hold ", n,
+              " values, got ", weights.size());
+  TORCH_CHECK(scales.defined() && scales.numel() == n, "pykernels.", op, ": scales must hold ", n, " values, got ",
+              scales.defined() ? scales.numel() : 0);
+  TORCH_CHECK(sign_source == 0 || sign_source == 1, "pykernels.", op,
+              ": sign_source must be 0 (weighted) or 1 (unweighted), got ", sign_source);
+  TORCH_CHECK(consensus >= 0 && consensus <= 2, "pykernels.", op,
+              ": consensus must be 0 (none), 1 (sum) or 2 (count), got ", consensus);
+  TORCH_CHECK(divisor == 0 || divisor == 1, "pykernels.", op, ": divisor must be 0 (weights) or 1 (count), got ",
+              divisor);
+  TORCH_CHECK(at::isFloatingType(out_dtype), "pykernels.", op, ": out_dtype must be a floating type, got ",
+              out_dtype);
+  c10::cuda::CUDAGuard guard(first.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();
+  at::Tensor owned_thresholds;
+  const SparsifyArgs sparsify =
+      prepare_sparsify(sparsifier, thresholds, keep_probs, seed, n, first.device(), &owned_thresholds, op);
+  const at::Tensor scales_dev = scales.to(first.device(), at::kFloat).reshape({n}).contiguous();
+  pykernels::MergeSettings settings{};
+  settings.scales = scales_dev.data_ptr<float>();
+  for (int m = 0; m < n; ++m) settings.weights[m] = static_cast<float>(weights[m]);
+  settings.sign_source = static_cast<int>(sign_source);
+  settings.consensus = static_cast<int>(consensus);
+  settings.divisor = static_cast<int>(divisor);
+  settings.normalize = normalize;
+  settings.lambda = static_cast<float>(lambda_);
+  // The kernel writes fp32 / bf16 / fp16; any other floating out_dtype is a cast of the fp32 result, exactly
+  // as the reference computes it.
+  const bool direct = out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf;
+  const at::ScalarType kernel_dtype = direct ? out_dtype : at::kFloat;
+  at::Tensor out = at::empty(first.sizes(), first.options().dtype(kernel_dtype));
+  check_launch(pykernels::gpu::fused_merge(inputs.in, sparsify, settings, out.data_ptr(),
+                                            dtype_code(kernel_dtype, op, "out_dtype"), stream),
+               op);
+  return direct ? out : out.to(out_dtype);
+}
+
+// The schema has no tensor argument, so the dispatcher reaches this kernel only when asked for the CUDA key
+// explicitly; the output goes to the current CUDA device.
+at::Tensor philox_uniform_cuda(int64_t seed, int64_t offset, int64_t n) {
+  constexpr const char* op = "philox_uniform";
+  TORCH_CHECK(n >= 0, "pykernels.", op, ": n must be >= 0, got ", n);
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device));
+  check_launch(pykernels::gpu::philox_uniform(static_cast<uint64_t>(seed), offset, n, out.data_ptr<float>(), stream),
+               op);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+  m.impl("delta_topk_thresholds", &delta_topk_thresholds_cuda);
+  m.impl("delta_l1_norms", &delta_l1_norms_cuda);
+  m.impl("fused_merge", &fused_merge_cuda);
+  m.impl("philox_uniform", &philox_uniform_cuda);
+}
