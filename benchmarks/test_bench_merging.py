@@ -1,5 +1,6 @@
 """pytest-benchmark suite for the fused merges: pykernels vs reference vs peers vs the bandwidth floor, on
-the same inputs in one run (group = method/dtype, so the report puts them side by side).
+the same inputs in one run (group = method/dtype, so the report puts them side by side). "floor" is one
+torch.add (2 reads + 1 write): the bandwidth floor of a fused merge is its time x (N+2)/3.
 
     pytest benchmarks/test_bench_merging.py --benchmark-group-by=group
 """
@@ -8,7 +9,7 @@ import torch
 
 from pykernels.benchmarking import MERGE_METHODS, Workload, implementations, make_inputs
 
-IMPLS = ["floor", "pykernels", "reference", "mergekit", "peft"]
+IMPLS = ["floor", "chained_add", "pykernels", "reference", "mergekit", "peft"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

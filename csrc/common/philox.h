@@ -17,7 +17,9 @@ PK_HD float philox_uniform(uint64_t seed, int64_t offset) {
   uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(offset) >> 32);
   uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t n0 = umulhi32(0xCD9E8D57u, c2) ^ c1 ^ k0;
     const uint32_t n2 = umulhi32(0xD2511F53u, c0) ^ c3 ^ k1;

@@ -1,0 +1,547 @@
+// CPU kernels of the task-vector merge primitives (CONTRACT: delta_topk_thresholds, delta_l1_norms,
+// fused_merge, philox_uniform). Every op streams the flat index range in fixed chunks (chunk_io.h); the fused
+// merge evaluates merge_element() of common/merge_math.h over a chunk at a time (the same float32 operations
+// in the same order per element, so bit-identical to it, but in loops that vectorise).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "common/merge_math.h"
+#include "common/philox.h"
+#include "cpu/chunk_io.h"
+#include "cpu/philox_simd.h"
+#include "cpu/radix_select.h"
+
+namespace pykernels {
+namespace cpu {
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+}  // namespace
+
+DeltaInputs make_delta_inputs(const c10::optional<at::Tensor>& base, at::TensorList tensors, const char* op) {
+  TORCH_CHECK(!tensors.empty(), op, ": tensors must hold at least one model (got 0)");
+  TORCH_CHECK(tensors.size() <= static_cast<size_t>(kMaxModels), op, ": at most ", kMaxModels,
+              " models are supported (got ", tensors.size(), ")");
+  DeltaInputs in;
+  in.numel = tensors[0].numel();
+  auto add = [&](const at::Tensor& t, const char* name, size_t index) -> Source {
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", index, "] is on ", t.device(), ", expected cpu");
+    TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, "[", index, "] has dtype ", t.scalar_type(),
+                ", expected float32, bfloat16 or float16");
+    TORCH_CHECK(t.sizes() == tensors[0].sizes(), op, ": ", name, "[", index, "] has shape ", t.sizes(),
+                " but tensors[0] has shape ", tensors[0].sizes());
+    in.owned.push_back(t.contiguous());
+    return Source(in.owned.back());
+  };
+  in.owned.reserve(tensors.size() + 1);
+  if (base.has_value()) {
+    in.base = add(*base, "base", 0);
+    in.has_base = true;
+  }
+  for (size_t m = 0; m < tensors.size(); ++m) in.models.push_back(add(tensors[m], "tensors", m));
+  return in;
+}
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------
+// Sparsifier masks, one chunk at a time.
+
+// How model m's keep mask is decided, with the degenerate cases resolved once per call.
+struct KeepRule {
+  enum Kind { kAll, kNone, kThreshold, kRandom } kind = kAll;
+  uint32_t key = 0;  // kThreshold: keep mkey > key, or mkey == key at index <= cutoff
+  int64_t cutoff = -1;
+  uint64_t seed = 0;  // kRandom: keep philox_uniform(seed, j) < p
+  float p = 1.f;
+};
+
+std::vector<KeepRule> keep_rules(int n, int64_t sparsifier, const at::Tensor& thresholds,
+                                 at::ArrayRef<double> keep_probs, int64_t seed, const char* op) {
+  TORCH_CHECK(sparsifier >= 0 && sparsifier <= 2, op, ": sparsifier must be 0, 1 or 2 (got ", sparsifier, ")");
+  std::vector<KeepRule> rules(n);
+  if (sparsifier == kMagnitude) {
+    TORCH_CHECK(thresholds.dim() == 2 && thresholds.size(0) == n && thresholds.size(1) == 2, op,
+                ": thresholds must have shape (", n, ", 2) (got ", thresholds.sizes(), ")");
+    const at::Tensor t = thresholds.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* rows = t.data_ptr<int64_t>();
+    for (int m = 0; m < n; ++m) {
+      const int64_t key = rows[2 * m], cutoff = rows[2 * m + 1];
+      // mkey lies in [0, 2^31): a negative key keeps everything, a key >= 2^31 nothing (as keep_by_threshold).
+      if (key < 0) {
+        rules[m].kind = KeepRule::kAll;
+      } else if (key > 0x7FFFFFFF) {
+        rules[m].kind = KeepRule::kNone;
+      } else {
+        rules[m] = KeepRule{KeepRule::kThreshold, static_cast<uint32_t>(key), cutoff};
+      }
+    }
+  } else if (sparsifier == kRandom) {
+    TORCH_CHECK(static_cast<int>(keep_probs.size()) == n, op, ": keep_probs must have ", n, " entries (got ",
+                keep_probs.size(), ")");
+    for (int m = 0; m < n; ++m) {
+      if (keep_probs[m] >= 1.0) continue;  // kAll
+      rules[m].kind = KeepRule::kRandom;
+      rules[m].seed = model_seed(static_cast<uint64_t>(seed), m);
+      rules[m].p = static_cast<float>(keep_probs[m]);
+    }
+  }
+  return rules;
+}
+
+// Compile-time dispatch of the keep rule (see with_bool).
+template <typename Fn>
+void with_keep_kind(KeepRule::Kind kind, Fn&& fn) {
+  switch (kind) {
+    case KeepRule::kAll:
+      return fn(std::integral_constant<int, KeepRule::kAll>{});
+    case KeepRule::kNone:
+      return fn(std::integral_constant<int, KeepRule::kNone>{});
+    case KeepRule::kThreshold:
+      return fn(std::integral_constant<int, KeepRule::kThreshold>{});
+    case KeepRule::kRandom:
+      return fn(std::integral_constant<int, KeepRule::kRandom>{});
+  }
+}
+
+// Model m's keep decision for the elements of one chunk; `uniforms` holds the chunk's Philox draws (kRandom).
+template <int kKind>
+struct KeepTest {
+  KeepTest(const KeepRule& rule, int64_t start, int64_t len, const float* uniforms)
+      : key(rule.key),
+        // j <= cutoff as a chunk-local int32 comparison: cutoff - start clamped to [-1, len]
+        last(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(rule.cutoff - start, -1), len))),
+        p(rule.p),
+        u(uniforms) {}
+
+  bool operator()(float d, int32_t i) const {
+    if (kKind == KeepRule::kAll) return true;
+    if (kKind == KeepRule::kNone) return false;
+    if (kKind == KeepRule::kRandom) return u[i] < p;
+    const uint32_t k = mkey(d);
+    return (k > key) | ((k == key) & (i <= last));
+  }
+
+  uint32_t key;
+  int32_t last;
+  float p;
+  const float* u;
+};
+
+// The chunk's uniforms for a kRandom rule (into `scratch`), else nullptr.
+const float* draw_uniforms(const KeepRule& rule, int64_t start, int64_t len, float* scratch) {
+  if (rule.kind != KeepRule::kRandom) return nullptr;
+  philox_uniform_fill(rule.seed, start, len, scratch);
+  return scratch;
+}
+
+inline bool nonfinite(float x) { return !(std::fabs(x) <= FLT_MAX); }  // NaN compares false
+
+// ------------------------------------------------------------------------------------------------------------
+// delta_l1_norms
+
+// d = x - b (x without a base) and its keep mask, for one chunk of one model.
+template <bool kBase, int kKind>
+void delta_and_keep(const float* __restrict x, const float* __restrict b, const KeepTest<kKind>& keep_of,
+                    int32_t len, float* __restrict d, uint8_t* __restrict keep) {
+  for (int32_t i = 0; i < len; ++i) {
+    const float v = kBase ? x[i] - b[i] : x[i];
+    d[i] = v;
+    keep[i] = keep_of(v, i);
+  }
+}
+
+// (sum |d|, sum of kept |d|) of one chunk in float64, in a fixed order: 16 interleaved accumulators, lane l
+// summing elements i = l (mod 16) in index order, then the lanes added in order. The AVX-512 loop and the
+// scalar loop perform exactly the same additions.
+void l1_chunk(const float* __restrict d, const uint8_t* __restrict keep, int64_t len, double& all, double& kept) {
+  constexpr int kLanes = 16;
+  alignas(64) double acc_all[kLanes] = {};
+  alignas(64) double acc_kept[kLanes] = {};
+  int64_t i = 0;
+#if defined(PK_AVX512)
+  __m512d all_lo = _mm512_setzero_pd(), all_hi = _mm512_setzero_pd();
+  __m512d kept_lo = _mm512_setzero_pd(), kept_hi = _mm512_setzero_pd();
+  for (; i + kLanes <= len; i += kLanes) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(d + i));
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    const __mmask16 k = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + i)),
+                                           _mm_set1_epi8(1));
+    all_lo = _mm512_add_pd(all_lo, lo);
+    all_hi = _mm512_add_pd(all_hi, hi);
+    kept_lo = _mm512_mask_add_pd(kept_lo, static_cast<__mmask8>(k), kept_lo, lo);
+    kept_hi = _mm512_mask_add_pd(kept_hi, static_cast<__mmask8>(k >> 8), kept_hi, hi);
+  }
+  _mm512_store_pd(acc_all, all_lo);
+  _mm512_store_pd(acc_all + 8, all_hi);
+  _mm512_store_pd(acc_kept, kept_lo);
+  _mm512_store_pd(acc_kept + 8, kept_hi);
+#endif
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double a = std::fabs(static_cast<double>(d[i + l]));
+      acc_all[l] += a;
+      acc_kept[l] += keep[i + l] ? a : 0.0;
+    }
+  }
+  for (int l = 0; i < len; ++i, ++l) {
+    const double a = std::fabs(static_cast<double>(d[i]));
+    acc_all[l] += a;
+    acc_kept[l] += keep[i] ? a : 0.0;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    all += acc_all[l];
+    kept += acc_kept[l];
+  }
+}
+
+at::Tensor delta_l1_norms(const c10::optional<at::Tensor>& base, at::TensorList tensors, int64_t sparsifier,
+                          const at::Tensor& thresholds, at::ArrayRef<double> keep_probs, int64_t seed) {
+  const char* op = "pykernels::delta_l1_norms";
+  const DeltaInputs in = make_delta_inputs(base, tensors, op);
+  const std::vector<KeepRule> rules = keep_rules(in.n(), sparsifier, thresholds, keep_probs, seed, op);
+  const int n = in.n();
+  const int64_t blocks = (in.numel + kBlock - 1) / kBlock;
+  // Partial sums per fixed block, added in block order afterwards: identical for any thread count.
+  std::vector<double> partial(static_cast<size_t>(blocks) * n * 2, 0.0);
+  parallel_blocks(in.numel, [&](int64_t first, int64_t end) {
+    ChunkBuffers buf(4);  // base, model, d, uniforms
+    std::vector<uint8_t> keep(kChunk);
+    for (int64_t block = first; block < end; ++block) {
+      double* sums = partial.data() + block * n * 2;
+      for_chunks_of_block(in.numel, block, [&](int64_t start, int64_t len) {
+        const float* b = in.load_base(start, len, buf[0]);
+        for (int m = 0; m < n; ++m) {
+          const float* x = in.models[m].load(start, len, buf[1]);
+          const float* u = draw_uniforms(rules[m], start, len, buf[3]);
+          with_bool(b != nullptr, [&](auto has_base) {
+            with_keep_kind(rules[m].kind, [&](auto kind) {
+              const KeepTest<decltype(kind)::value> keep_of(rules[m], start, len, u);
+              delta_and_keep<decltype(has_base)::value>(x, b, keep_of, static_cast<int32_t>(len), buf[2],
+                                                        keep.data());
+            });
+          });
+          l1_chunk(buf[2], keep.data(), len, sums[2 * m], sums[2 * m + 1]);
+        }
+      });
+    }
+  });
+  at::Tensor out = at::zeros({n, 2}, at::kDouble);
+  double* rows = out.data_ptr<double>();
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int i = 0; i < 2 * n; ++i) rows[i] += partial[block * n * 2 + i];
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// fused_merge: merge_element() evaluated over a chunk at a time, model by model. Every element sees exactly the
+// float32 operations of merge_element in the same order (sums start at 0 and add the models in order), so the
+// result is bit-identical to it, while every loop below runs over contiguous buffers and vectorises.
+
+enum Accumulate : int {
+  kMixAll = 0,      // no consensus: acc += weighted
+  kSumSigns = 1,    // consensus sum: acc (= total) += elector
+  kCountSigns = 2,  // consensus count: acc (= total) += sign(elector)
+};
+
+struct MergeScratch {
+  explicit MergeScratch(int n) : floats(6 + 2 * n), bad(kChunk) {}
+  float* base() const { return floats[0]; }
+  float* x() const { return floats[1]; }
+  float* uniforms() const { return floats[2]; }
+  float* acc() const { return floats[3]; }  // mixed (no consensus) or the election total
+  float* mixed() const { return floats[4]; }
+  float* divisor() const { return floats[5]; }
+  float* weighted(int m) const { return floats[6 + 2 * m]; }
+  float* elector(int m) const { return floats[7 + 2 * m]; }  // only with an unweighted sign source
+  ChunkBuffers floats;
+  std::vector<uint8_t> bad;  // an input is NaN/Inf
+};
+
+// The largest exponent field of x: 0x7F800000 iff some x[i] is NaN/Inf. A reduction, so it vectorises.
+inline uint32_t max_exponent(const float* __restrict x, int32_t len) {
+  uint32_t e = 0;
+  for (int32_t i = 0; i < len; ++i) e = std::max(e, float_bits(x[i]) & 0x7F800000u);
+  return e;
+}
+
+// One model's pass over a chunk: d, keep, s = keep ? d * scale : 0, weighted = w * s, and the running sum of
+// merge_element's first loop over models (mixed, or the election total). Returns whether x has a NaN/Inf.
+template <bool kBase, int kKind, int kAcc, bool kUnweighted>
+bool model_pass(const float* __restrict x, const float* __restrict b, const KeepTest<kKind>& keep_of, float scale,
+                float weight, int32_t len, float* __restrict acc, float* __restrict weighted,
+                float* __restrict elector) {
+  uint32_t exponent = 0;
+  for (int32_t i = 0; i < len; ++i) {
+    exponent = std::max(exponent, float_bits(x[i]) & 0x7F800000u);
+    const float d = kBase ? x[i] - b[i] : x[i];
+    const float s = keep_of(d, i) ? d * scale : 0.f;
+    const float w = weight * s;
+    if (kAcc == kMixAll) {
+      acc[i] += w;
+      continue;
+    }
+    weighted[i] = w;
+    if (kUnweighted) elector[i] = s;
+    const float e = kUnweighted ? s : w;
+    acc[i] += kAcc == kSumSigns ? e : sign_of(e);
+  }
+  return exponent == 0x7F800000u;
+}
+
+// majority[i] = total[i] >= 0 ? 1 : -1 (a NaN total elects -1), in place.
+void majority_pass(float* __restrict total, int32_t len) {
+  for (int32_t i = 0; i < len; ++i) total[i] = total[i] >= 0.f ? 1.f : -1.f;
+}
+
+// One model's share of the election. sign(e) == majority is tested as e * majority > 0: the product is exact
+// (majority is +-1) and is positive exactly when e is nonzero with the majority's sign (never for 0 or NaN).
+// kSame: the elector is the weighted value itself (weighted sign source).
+template <bool kSame>
+void elect_pass(const float* __restrict majority, const float* __restrict elector,
+                const float* __restrict weighted, float term, int32_t len, float* __restrict mixed,
+                float* __restrict div) {
+  for (int32_t i = 0; i < len; ++i) {
+    const float w = weighted[i];
+    const bool agree = (kSame ? w : elector[i]) * majority[i] > 0.f;
+    mixed[i] += agree ? w : 0.f;
+    div[i] += agree ? term : 0.f;
+  }
+}
+
+enum Normalize : int { kKeepScale = 0, kByStatic = 1, kByAgreeing = 2 };
+
+// out = base + lambda * (mixed / div).
+template <int kNormalize, bool kLambda, bool kBase>
+void finish_pass(const float* __restrict mixed, const float* __restrict div, float static_div, float lambda,
+                 const float* __restrict b, int32_t len, float* __restrict out) {
+  for (int32_t i = 0; i < len; ++i) {
+    float v = mixed[i];
+    if (kNormalize == kByStatic) v = v / static_div;
+    if (kNormalize == kByAgreeing) v = v / (div[i] == 0.f ? 1.f : div[i]);
+    if (kLambda) v = lambda * v;
+    if (kBase) v = b[i] + v;
+    out[i] = v;
+  }
+}
+
+// bad[i] |= x[i] is NaN/Inf
+void flag_nonfinite(const float* __restrict x, int32_t len, uint8_t* __restrict bad) {
+  for (int32_t i = 0; i < len; ++i) bad[i] |= nonfinite(x[i]);
+}
+
+// A large fresh output is mapped by the allocator and faulted in 4 KiB pages as the merge first writes it,
+// which costs about as much as the merge itself; asking for transparent huge pages (when the system leaves
+// them to madvise) cuts that to the zeroing of the memory. Only a hint: any failure is ignored.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
+struct MergePlan {
+  const DeltaInputs* in;
+  std::vector<KeepRule> rules;
+  MergeParams p;
+};
+
+// merge_element's first loop over models for a chunk (acc = mixed or the election total; weighted and electors
+// kept for the election). Returns whether an input of the chunk is NaN/Inf.
+bool accumulate_models(const MergePlan& plan, int64_t start, int64_t len, const float* b, MergeScratch& s) {
+  const DeltaInputs& in = *plan.in;
+  const MergeParams& p = plan.p;
+  bool nonfinite_input = b != nullptr && max_exponent(b, static_cast<int32_t>(len)) == 0x7F800000u;
+  std::fill(s.acc(), s.acc() + len, 0.f);
+  const int accumulate = p.consensus == kNoConsensus ? kMixAll : p.consensus == kSum ? kSumSigns : kCountSigns;
+  for (int m = 0; m < p.n; ++m) {
+    const float* x = in.models[m].load(start, len, s.x());
+    const float* u = draw_uniforms(plan.rules[m], start, len, s.uniforms());
+    with_bool(b != nullptr, [&](auto has_base) {
+      with_keep_kind(plan.rules[m].kind, [&](auto kind) {
+        const KeepTest<decltype(kind)::value> keep_of(plan.rules[m], start, len, u);
+        auto run = [&](auto acc_kind, auto unweighted) {
+          nonfinite_input |= model_pass<decltype(has_base)::value, decltype(kind)::value, decltype(acc_kind)::value,
+                                        decltype(unweighted)::value>(x, b, keep_of, p.scales[m], p.weights[m],
+                                                                     static_cast<int32_t>(len), s.acc(),
+                                                                     s.weighted(m), s.elector(m));
+        };
+        const bool unweighted = p.sign_source == kUnweighted;
+        if (accumulate == kMixAll) {
+          run(std::integral_constant<int, kMixAll>{}, std::false_type{});
+        } else if (accumulate == kSumSigns) {
+          with_bool(unweighted, [&](auto uw) { run(std::integral_constant<int, kSumSigns>{}, uw); });
+        } else {
+          with_bool(unweighted, [&](auto uw) { run(std::integral_constant<int, kCountSigns>{}, uw); });
+        }
+      });
+    });
+  }
+  return nonfinite_input;
+}
+
+// The sign election over all models: s.mixed() and s.divisor() from the total in s.acc() (then the majority).
+void elect(const MergeParams& p, int64_t len, MergeScratch& s) {
+  const int32_t n32 = static_cast<int32_t>(len);
+  majority_pass(s.acc(), n32);
+  std::fill(s.mixed(), s.mixed() + len, 0.f);
+  std::fill(s.divisor(), s.divisor() + len, 0.f);
+  for (int m = 0; m < p.n; ++m) {
+    const float term = p.divisor == kWeights ? p.weights[m] : 1.f;
+    if (p.sign_source == kUnweighted) {
+      elect_pass<false>(s.acc(), s.elector(m), s.weighted(m), term, n32, s.mixed(), s.divisor());
+    } else {
+      elect_pass<true>(s.acc(), nullptr, s.weighted(m), term, n32, s.mixed(), s.divisor());
+    }
+  }
+}
+
+// out = base + lambda * mixed / divisor.
+void finish(const MergeParams& p, const float* mixed, const float* div, const float* b, int64_t len, float* out) {
+  const int normalize = !p.normalize ? kKeepScale : p.consensus == kNoConsensus ? kByStatic : kByAgreeing;
+  with_bool(p.lambda != 1.f, [&](auto scaled) {
+    with_bool(b != nullptr, [&](auto has_base) {
+      auto run = [&](auto norm) {
+        finish_pass<decltype(norm)::value, decltype(scaled)::value, decltype(has_base)::value>(
+            mixed, div, p.static_divisor, p.lambda, b, static_cast<int32_t>(len), out);
+      };
+      if (normalize == kKeepScale) {
+        run(std::integral_constant<int, kKeepScale>{});
+      } else if (normalize == kByStatic) {
+        run(std::integral_constant<int, kByStatic>{});
+      } else {
+        run(std::integral_constant<int, kByAgreeing>{});
+      }
+    });
+  });
+}
+
+// The rare chunk with a NaN/Inf input: out[i] = NaN where an input is non-finite at i but out[i] is finite.
+void poison_nonfinite(const DeltaInputs& in, int64_t start, int64_t len, const float* b, float* scratch,
+                      uint8_t* bad, float* out) {
+  const int32_t n32 = static_cast<int32_t>(len);
+  std::memset(bad, 0, len);
+  if (b != nullptr) flag_nonfinite(b, n32, bad);
+  for (int m = 0; m < in.n(); ++m) flag_nonfinite(in.models[m].load(start, len, scratch), n32, bad);
+  for (int32_t i = 0; i < n32; ++i) {
+    if (bad[i] && !nonfinite(out[i])) out[i] = quiet_nan();
+  }
+}
+
+void merge_chunk(const MergePlan& plan, int64_t start, int64_t len, MergeScratch& s, const Sink& sink,
+                 float* out_fp32) {
+  const float* b = plan.in->load_base(start, len, s.base());
+  const bool nonfinite_input = accumulate_models(plan, start, len, b, s);
+  const float* mixed = s.acc();
+  if (plan.p.consensus != kNoConsensus) {
+    elect(plan.p, len, s);
+    mixed = s.mixed();
+  }
+  // fp32 output is written in place; other dtypes go through a buffer and a conversion.
+  float* out = out_fp32 != nullptr ? out_fp32 + start : s.x();
+  finish(plan.p, mixed, s.divisor(), b, len, out);
+  if (nonfinite_input) poison_nonfinite(*plan.in, start, len, b, s.uniforms(), s.bad.data(), out);
+  if (out_fp32 == nullptr) sink.store(start, len, out);
+}
+
+at::Tensor fused_merge(const c10::optional<at::Tensor>& base, at::TensorList tensors, int64_t sparsifier,
+                       const at::Tensor& thresholds, at::ArrayRef<double> keep_probs, int64_t seed,
+                       const at::Tensor& scales, at::ArrayRef<double> weights, int64_t sign_source,
+                       int64_t consensus, int64_t divisor, bool normalize, double lambda, at::ScalarType out_dtype) {
+  const char* op = "pykernels::fused_merge";
+  const DeltaInputs in = make_delta_inputs(base, tensors, op);
+  const int n = in.n();
+  MergePlan plan{&in, keep_rules(n, sparsifier, thresholds, keep_probs, seed, op), MergeParams{}};
+  TORCH_CHECK(scales.numel() == n, op, ": scales must have ", n, " entries (got ", scales.numel(), ")");
+  TORCH_CHECK(static_cast<int>(weights.size()) == n, op, ": weights must have ", n, " entries (got ",
+              weights.size(), ")");
+  TORCH_CHECK(sign_source == 0 || sign_source == 1, op, ": sign_source must be 0 or 1 (got ", sign_source, ")");
+  TORCH_CHECK(consensus >= 0 && consensus <= 2, op, ": consensus must be 0, 1 or 2 (got ", consensus, ")");
+  TORCH_CHECK(divisor == 0 || divisor == 1, op, ": divisor must be 0 or 1 (got ", divisor, ")");
+
+  const at::Tensor scale_values = scales.to(at::kCPU, at::kFloat).contiguous();
+  std::vector<float> weight_values(weights.begin(), weights.end());  // float32(w), as the reference
+  MergeParams& p = plan.p;
+  p.n = n;
+  p.weights = weight_values.data();
+  p.scales = scale_values.data_ptr<float>();
+  p.sign_source = static_cast<int>(sign_source);
+  p.consensus = static_cast<int>(consensus);
+  p.divisor = static_cast<int>(divisor);
+  p.normalize = normalize;
+  p.lambda = static_cast<float>(lambda);
+  p.static_divisor = static_divisor(n, p.weights, p.divisor);
+  p.has_base = in.has_base;
+
+  const bool direct = is_supported_float(out_dtype);
+  at::Tensor out = at::empty(tensors[0].sizes(), tensors[0].options().dtype(direct ? out_dtype : at::kFloat));
+  advise_huge_pages(out);
+  const Sink sink(out);
+  float* out_fp32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
+  parallel_blocks(in.numel, [&](int64_t first, int64_t end) {
+    MergeScratch scratch(n);
+    for (int64_t block = first; block < end; ++block) {
+      for_chunks_of_block(in.numel, block, [&](int64_t start, int64_t len) {
+        merge_chunk(plan, start, len, scratch, sink, out_fp32);
+      });
+    }
+  });
+  return direct ? out : out.to(out_dtype);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+
+at::Tensor delta_topk_thresholds(const c10::optional<at::Tensor>& base, at::TensorList tensors,
+                                 at::IntArrayRef ks) {
+  const char* op = "pykernels::delta_topk_thresholds";
+  const DeltaInputs in = make_delta_inputs(base, tensors, op);
+  TORCH_CHECK(static_cast<int>(ks.size()) == in.n(), op, ": ks must have one entry per model (", in.n(),
+              "), got ", ks.size());
+  for (size_t m = 0; m < ks.size(); ++m) {
+    TORCH_CHECK(ks[m] >= 0 && ks[m] <= in.numel, op, ": ks[", m, "] = ", ks[m], " is outside [0, ", in.numel, "]");
+  }
+  return topk_thresholds(in, std::vector<int64_t>(ks.begin(), ks.end()));
+}
+
+at::Tensor philox_uniform_op(int64_t seed, int64_t offset, int64_t n) {
+  TORCH_CHECK(n >= 0, "pykernels::philox_uniform: n must be >= 0 (got ", n, ")");
+  at::Tensor out = at::empty({n}, at::kFloat);
+  float* values = out.data_ptr<float>();
+  at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) {
+    philox_uniform_fill(static_cast<uint64_t>(seed), offset + begin, end - begin, values + begin);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
+  m.impl("delta_topk_thresholds", &delta_topk_thresholds);
+  m.impl("delta_l1_norms", &delta_l1_norms);
+  m.impl("fused_merge", &fused_merge);
+}
+
+// philox_uniform has no tensor argument, so the dispatcher cannot select a backend key for it: it reaches only a
+// CompositeExplicitAutograd kernel (the one used for an empty dispatch key set). Its result is a CPU tensor.
+TORCH_LIBRARY_IMPL(pykernels, CompositeExplicitAutograd, m) { m.impl("philox_uniform", &philox_uniform_op); }
+
+}  // namespace cpu
+}  // namespace pykernels
