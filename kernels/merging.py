@@ -113,8 +113,8 @@ def _delta(x, b, HAS_BASE: tl.constexpr):
 
 @triton.jit
 def _mkey(d):
-    """31-bit magnitude key bits(d) & 0x7FFFFFFF as int32 (non-negative)."""
-    return d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    """31-bit magnitude key bits(d) & 0x7FFFFFFF as int32 (non-negative), every NaN mapped to 0x7F800001."""
+    return tl.minimum(d.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0x7F800001)
 
 
 @triton.jit

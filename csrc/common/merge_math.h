@@ -8,6 +8,7 @@
 namespace pykernels {
 
 constexpr int kMaxModels = 64;
+constexpr uint32_t kNanKey = 0x7F800001u;
 constexpr int64_t kKeepNone = int64_t(1) << 32;  // magnitude threshold above every key: keep nothing
 
 enum Sparsifier : int { kNoSparsify = 0, kMagnitude = 1, kRandom = 2 };
@@ -15,13 +16,14 @@ enum SignSource : int { kWeighted = 0, kUnweighted = 1 };
 enum Consensus : int { kNoConsensus = 0, kSum = 1, kCount = 2 };
 enum Divisor : int { kWeights = 0, kModelCount = 1 };  // kCount would clash with Consensus::kCount
 
-// Order-preserving key of |x|: -0 == +0, NaN above +inf.
+// Order-preserving key of |x|: -0 == +0, every NaN one key above +inf (payloads differ between CPU and GPU).
 PK_HD uint32_t magnitude_key(float x) {
   union {
     float f;
     uint32_t u;
   } v{x};
-  return v.u & 0x7FFFFFFFu;
+  const uint32_t key = v.u & 0x7FFFFFFFu;
+  return key < kNanKey ? key : kNanKey;
 }
 
 // Exact magnitude top-k membership: (key, cutoff) from delta_topk_thresholds.

@@ -27,7 +27,7 @@ namespace cpu {
 constexpr int kHighBins = 1 << 15;  // mkey < 2^31, so its top 16 bits take 2^15 values
 constexpr int kLowBins = 1 << 16;
 
-inline uint32_t mkey(float x) { return float_bits(x) & 0x7FFFFFFFu; }
+inline uint32_t mkey(float x) { return magnitude_key(x); }
 
 // d at element i of a chunk: x - b, or x itself without a base (no subtraction, so even a signalling NaN keeps
 // its bits, as in the reference).
@@ -40,7 +40,8 @@ inline float delta_at(const float* x, const float* b, int64_t i) {
 template <bool kBase>
 inline __m512i keys16(const float* x, const float* b, int64_t i) {
   const __m512 d = kBase ? _mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(b + i)) : _mm512_loadu_ps(x + i);
-  return _mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_min_epu32(_mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32(0x7FFFFFFF)),
+                          _mm512_set1_epi32(static_cast<int>(kNanKey)));
 }
 #endif
 

@@ -1,20 +1,22 @@
 """Reference order statistics: plain sorting, written to be obviously right, never fast.
 
-Magnitude key: the bits of |x| as an unsigned integer (``bits(x) & 0x7FFFFFFF``). It orders non-negative
-floats exactly like their values, treats -0.0 and +0.0 as equal, and puts NaN above +inf, so a NaN is
-never silently dropped by a top-k.
+Magnitude key: the bits of |x| as an unsigned integer (``bits(x) & 0x7FFFFFFF``), with every NaN mapped to
+one key just above +inf (``0x7F800001``). It orders non-negative floats exactly like their values, treats
+-0.0 and +0.0 as equal, ranks NaN above +inf (a NaN is never silently dropped by a top-k), and does not
+depend on NaN payloads, which differ between CPUs and GPUs.
 """
 from __future__ import annotations
 
 import torch
 
 KEEP_NONE = 1 << 32  # a key above every magnitude key: "keep nothing"
+NAN_KEY = 0x7F800001
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     """int64 magnitude keys of a float32 tensor (flattened)."""
     assert x.dtype == torch.float32
-    return x.reshape(-1).view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    return (x.reshape(-1).view(torch.int32).to(torch.int64) & 0x7FFFFFFF).clamp(max=NAN_KEY)
 
 
 def topk_threshold(keys: torch.Tensor, k: int) -> tuple[int, int]:
