@@ -9,7 +9,7 @@ PIP := $(PYTHON) -m pip
 # (--no-build-isolation), so nothing else is pulled in.
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q ninja numpy triton==3.9.0 pytest pytest-benchmark hypothesis expecttest tqdm pyyaml safetensors
+	$(PIP) install -q ninja numpy triton==3.9.0 pytest pytest-benchmark hypothesis expecttest tqdm pyyaml safetensors matplotlib
 	$(PIP) install -q peft==0.21.2 mergekit==0.1.5
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 

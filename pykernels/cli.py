@@ -26,7 +26,7 @@ def bench(args) -> int:
     shape = b.SIZES[args.size]
     print(f"pykernels bench: merging, N=3 models + base, shape {shape}, density 0.2, {args.threads} threads")
     print(f"machine: {_machine()}")
-    rows = b.merging_table(shape=shape, threads=args.threads, repeats=args.repeats,
+    rows = b.merging_table(shape=shape, threads=args.threads, repeats=args.repeats, only=args.only,
                            progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(b.format_merging_table(rows))
     if args.json:
@@ -39,7 +39,10 @@ def bench(args) -> int:
 
 
 def plot_speedups(rows, path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="default", choices=["default", "small", "tiny"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", nargs="+", help="run only these implementations (e.g. floor pykernels)")
     p.add_argument("--json", help="also write the results as JSON")
     p.add_argument("--plot", help="also draw the speed-ups as a PNG chart")
     p.set_defaults(run=bench)
