@@ -9,7 +9,7 @@ import torch
 
 from pykernels.benchmarking import MERGE_METHODS, Workload, implementations, make_inputs
 
-IMPLS = ["floor", "chained_add", "pykernels", "reference", "mergekit", "peft"]
+IMPLS = ["floor", "floor_fresh_output", "chained_add", "pykernels", "reference", "mergekit", "peft"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

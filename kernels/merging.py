@@ -64,11 +64,22 @@ _DT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Device helpers
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _bf16_bits_to_f32(bits):
+    """Exact bf16 -> float32 from the raw bits: the interpreter's bf16 cast flushes subnormals."""
+    return ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _load_as(addr, offs, mask, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
     """float32 of the ELEM-typed array at address addr (int64), at offs (0 where masked)."""
-    p = addr.to(tl.pointer_type(ELEM))
+    if ELEM == tl.bfloat16:
+        p = addr.to(tl.pointer_type(tl.int16))
+    else:
+        p = addr.to(tl.pointer_type(ELEM))
     if ALIGNED:
         p = tl.multiple_of(p, 16)  # lets the compiler vectorise the loads (16-byte aligned base address)
+    if ELEM == tl.bfloat16:
+        return _bf16_bits_to_f32(tl.load(p + offs, mask=mask, other=0))
     return tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -96,7 +107,10 @@ def _load_model(ptrs, dts, m, offs, mask, DT: tl.constexpr, ALIGNED: tl.constexp
 @triton.jit
 def _load_base(base_ptr, offs, mask, HAS_BASE: tl.constexpr):
     if HAS_BASE:
-        b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if base_ptr.dtype.element_ty == tl.bfloat16:
+            b = _bf16_bits_to_f32(tl.load(base_ptr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0))
+        else:
+            b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         b = tl.zeros(offs.shape, tl.float32)
     return b
