@@ -46,6 +46,15 @@ METHODS = {
 
 # --- argument checks: every message names the argument and the value ----------------------------------
 
+def _named_inputs(base, tensors) -> list[tuple[str, torch.Tensor]]:
+    return ([("base", base)] if base is not None else []) + [(f"tensors[{i}]", t) for i, t in enumerate(tensors)]
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+
 def _check_tensors(base, tensors) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
         raise TypeError(f"tensors must be a list of tensors, got {type(tensors).__name__}")
@@ -54,7 +63,7 @@ def _check_tensors(base, tensors) -> list[torch.Tensor]:
         raise ValueError("tensors must hold at least one tensor, got an empty list")
     if len(tensors) > MAX_MODELS:
         raise ValueError(f"at most {MAX_MODELS} tensors can be merged at once, got {len(tensors)}")
-    named = ([("base", base)] if base is not None else []) + [(f"tensors[{i}]", t) for i, t in enumerate(tensors)]
+    named = _named_inputs(base, tensors)
     ref_name, ref = named[0]
     for name, t in named:
         if not isinstance(t, torch.Tensor):
@@ -103,8 +112,7 @@ def _topk_counts(densities: list[float], numel: int, k_rule: str) -> list[int]:
 
 
 def _check_finite(base, tensors) -> None:
-    named = ([("base", base)] if base is not None else []) + [(f"tensors[{i}]", t) for i, t in enumerate(tensors)]
-    for name, t in named:
+    for name, t in _named_inputs(base, tensors):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
 
@@ -179,8 +187,7 @@ def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: st
     _check_densities(densities)
     if not math.isfinite(float(lambda_)):
         raise ValueError(f"lambda_ must be finite, got {lambda_}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    _check_seed(seed)
     preset = replace(
         preset,
         consensus=_choice(consensus if consensus is not None else preset.consensus, CONSENSUS, "consensus"),
@@ -232,8 +239,7 @@ def sparsify(delta: torch.Tensor, method: str, density: float, *, gamma: float |
     densities = _per_model([density], 1, "density", 1.0)
     _check_densities(densities)
     _choice(k_rule, K_RULES, "k_rule")
-    if not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    _check_seed(seed)
     preset = Preset(sparsifier=method, rescale=_rescale_name(rescale, defaults[method]))
     ops = _ops.primitives(_backend.resolve(backend, delta.device))
     return _run(ops, None, tensors, preset, [1.0], densities, 1.0, seed, "weighted", "weights", k_rule, delta.dtype)

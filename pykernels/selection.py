@@ -11,7 +11,7 @@ import torch
 
 from . import _backend, _ops
 from .merging import _check_tensors
-from .reference.selection import KEEP_NONE
+from .reference.selection import KEEP_NONE, keep_mask, magnitude_keys
 
 
 def delta_topk_thresholds(base: torch.Tensor | None, tensors, ks, *, backend: str | None = None) -> torch.Tensor:
@@ -38,6 +38,4 @@ def topk_mask(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.T
     key, cutoff = delta_topk_thresholds(None, [x], [k], backend=backend)[0].tolist()
     if key == KEEP_NONE:
         return torch.zeros_like(x, dtype=torch.bool)
-    keys = x.float().reshape(-1).view(torch.int32).to(torch.int64) & 0x7FFFFFFF
-    index = torch.arange(keys.numel(), device=x.device)
-    return ((keys > key) | ((keys == key) & (index <= cutoff))).reshape(x.shape)
+    return keep_mask(magnitude_keys(x.float()), key, cutoff).reshape(x.shape)

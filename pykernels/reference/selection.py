@@ -34,7 +34,7 @@ def topk_threshold(keys: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def keep_mask(keys: torch.Tensor, key: int, cutoff: int) -> torch.Tensor:
-    index = torch.arange(keys.numel(), dtype=torch.int64)
+    index = torch.arange(keys.numel(), dtype=torch.int64, device=keys.device)
     return (keys > key) | ((keys == key) & (index <= cutoff))
 
 
