@@ -28,4 +28,21 @@ TORCH_LIBRARY(pykernels, m) {
       "float lambda_, ScalarType out_dtype) -> Tensor");
   // Philox uniforms, bit-identical to triton.language.rand(seed, offset + arange(n)): float32 (n,).
   m.def("philox_uniform(int seed, int offset, int n) -> Tensor");
+
+  // Family 2: order statistics on order-preserving uint32 keys (docs/CONTRACT_ISSUE3.md, reference.selection).
+  m.def("key_histogram(Tensor x, bool magnitude, int[] buckets) -> Tensor");
+  m.def("key_mask(Tensor x, bool magnitude, int key, int ties) -> Tensor");
+  m.def("key_find(Tensor x, bool magnitude, int key, int rank) -> Tensor");
+  m.def("row_select(Tensor x, bool magnitude, int[] ks) -> Tensor");
+  m.def("row_topk_mask(Tensor x, bool magnitude, int k) -> Tensor");
+  m.def("row_rank(Tensor x, bool magnitude) -> Tensor");
+  // Element-wise statistics across N tensors (reference.statistics).
+  m.def("trimmed_mean(Tensor? base, Tensor[] tensors, int trim, ScalarType out_dtype) -> Tensor");
+  m.def("sign_count(Tensor? base, Tensor[] tensors) -> Tensor");
+  // DELLA: per-row rank-dependent random keep, fused with the merge (reference.della).
+  m.def("della_l1_norms(Tensor? base, Tensor[] tensors, float[] densities, float[] epsilons, int seed) -> Tensor");
+  m.def(
+      "della_merge(Tensor? base, Tensor[] tensors, float[] densities, float[] epsilons, int seed, bool inverse, "
+      "Tensor scales, float[] weights, int sign_source, int consensus, int divisor, bool normalize, float lambda_, "
+      "ScalarType out_dtype) -> Tensor");
 }

@@ -1,7 +1,7 @@
 """torch.library glue: fake implementations of the C++ ops, and the Triton kernels as custom ops.
 
-Every backend exposes the same primitives (see pykernels/reference for their meaning):
-delta_topk_thresholds, delta_l1_norms, fused_merge.
+Every backend exposes the same primitives (Primitives below; see pykernels/reference for their meaning and
+docs/CONTRACT_ISSUE3.md for the order-statistics, statistics and DELLA ones).
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from .reference import della as ref_della
 from .reference import merging as ref_merging
 from .reference import selection as ref_selection
+from .reference import statistics as ref_statistics
 
 
 def _fake_thresholds(base, tensors, ks):
@@ -28,10 +30,68 @@ def _fake_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales,
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
 
+def _fake_key_histogram(x, magnitude, buckets):
+    shape = (len(buckets), 1 << 16) if len(buckets) else (1 << 16,)
+    return x.new_empty(shape, dtype=torch.int64)
+
+
+def _fake_key_mask(x, magnitude, key, ties):
+    return x.new_empty(x.shape, dtype=torch.bool)
+
+
+def _fake_key_find(x, magnitude, key, rank):
+    return x.new_empty((), dtype=torch.int64)
+
+
+def _fake_row_select(x, magnitude, ks):
+    return x.new_empty((x.shape[0], len(ks)), dtype=torch.int64)
+
+
+def _fake_row_topk_mask(x, magnitude, k):
+    return x.new_empty(x.shape, dtype=torch.bool)
+
+
+def _fake_row_rank(x, magnitude):
+    return x.new_empty(x.shape, dtype=torch.int64)
+
+
+def _fake_trimmed_mean(base, tensors, trim, out_dtype):
+    return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
+
+
+def _fake_sign_count(base, tensors):
+    return tensors[0].new_empty(tensors[0].shape, dtype=torch.int8)
+
+
+def _fake_della_norms(base, tensors, densities, epsilons, seed):
+    return tensors[0].new_empty((len(tensors), 2), dtype=torch.float64)
+
+
+def _fake_della_merge(base, tensors, densities, epsilons, seed, inverse, scales, weights, sign_source, consensus,
+                      divisor, normalize, lambda_, out_dtype):
+    return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
+
+
+_FAKES = {
+    "delta_topk_thresholds": _fake_thresholds,
+    "delta_l1_norms": _fake_norms,
+    "fused_merge": _fake_merge,
+    "key_histogram": _fake_key_histogram,
+    "key_mask": _fake_key_mask,
+    "key_find": _fake_key_find,
+    "row_select": _fake_row_select,
+    "row_topk_mask": _fake_row_topk_mask,
+    "row_rank": _fake_row_rank,
+    "trimmed_mean": _fake_trimmed_mean,
+    "sign_count": _fake_sign_count,
+    "della_l1_norms": _fake_della_norms,
+    "della_merge": _fake_della_merge,
+}
+
+
 def _register_cpp_fakes() -> None:
-    torch.library.register_fake("pykernels::delta_topk_thresholds")(_fake_thresholds)
-    torch.library.register_fake("pykernels::delta_l1_norms")(_fake_norms)
-    torch.library.register_fake("pykernels::fused_merge")(_fake_merge)
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"pykernels::{name}")(fake)
     torch.library.register_fake("pykernels::philox_uniform")(
         lambda seed, offset, n: torch.empty((n,), dtype=torch.float32))
 
@@ -64,9 +124,84 @@ def triton_fused_merge(base: Optional[Tensor], tensors: List[Tensor], sparsifier
                          consensus, divisor, normalize, lambda_, out_dtype)
 
 
-triton_delta_topk_thresholds.register_fake(_fake_thresholds)
-triton_delta_l1_norms.register_fake(_fake_norms)
-triton_fused_merge.register_fake(_fake_merge)
+@torch.library.custom_op("pykernels::triton_key_histogram", mutates_args=())
+def triton_key_histogram(x: Tensor, magnitude: bool, buckets: List[int]) -> Tensor:
+    from .kernels import selection as k
+
+    return k.key_histogram(x, magnitude, buckets)
+
+
+@torch.library.custom_op("pykernels::triton_key_mask", mutates_args=())
+def triton_key_mask(x: Tensor, magnitude: bool, key: int, ties: int) -> Tensor:
+    from .kernels import selection as k
+
+    return k.key_mask(x, magnitude, key, ties)
+
+
+@torch.library.custom_op("pykernels::triton_key_find", mutates_args=())
+def triton_key_find(x: Tensor, magnitude: bool, key: int, rank: int) -> Tensor:
+    from .kernels import selection as k
+
+    return k.key_find(x, magnitude, key, rank)
+
+
+@torch.library.custom_op("pykernels::triton_row_select", mutates_args=())
+def triton_row_select(x: Tensor, magnitude: bool, ks: List[int]) -> Tensor:
+    from .kernels import selection as k
+
+    return k.row_select(x, magnitude, ks)
+
+
+@torch.library.custom_op("pykernels::triton_row_topk_mask", mutates_args=())
+def triton_row_topk_mask(x: Tensor, magnitude: bool, k: int) -> Tensor:
+    from .kernels import selection as kern
+
+    return kern.row_topk_mask(x, magnitude, k)
+
+
+@torch.library.custom_op("pykernels::triton_row_rank", mutates_args=())
+def triton_row_rank(x: Tensor, magnitude: bool) -> Tensor:
+    from .kernels import selection as k
+
+    return k.row_rank(x, magnitude)
+
+
+@torch.library.custom_op("pykernels::triton_trimmed_mean", mutates_args=())
+def triton_trimmed_mean(base: Optional[Tensor], tensors: List[Tensor], trim: int, out_dtype: torch.dtype) -> Tensor:
+    from .kernels import statistics as k
+
+    return k.trimmed_mean(base, tensors, trim, out_dtype)
+
+
+@torch.library.custom_op("pykernels::triton_sign_count", mutates_args=())
+def triton_sign_count(base: Optional[Tensor], tensors: List[Tensor]) -> Tensor:
+    from .kernels import statistics as k
+
+    return k.sign_count(base, tensors)
+
+
+@torch.library.custom_op("pykernels::triton_della_l1_norms", mutates_args=())
+def triton_della_l1_norms(base: Optional[Tensor], tensors: List[Tensor], densities: List[float],
+                          epsilons: List[float], seed: int) -> Tensor:
+    from .kernels import della as k
+
+    return k.della_l1_norms(base, tensors, densities, epsilons, seed)
+
+
+@torch.library.custom_op("pykernels::triton_della_merge", mutates_args=())
+def triton_della_merge(base: Optional[Tensor], tensors: List[Tensor], densities: List[float], epsilons: List[float],
+                       seed: int, inverse: bool, scales: Tensor, weights: List[float], sign_source: int,
+                       consensus: int, divisor: int, normalize: bool, lambda_: float,
+                       out_dtype: torch.dtype) -> Tensor:
+    from .kernels import della as k
+
+    return k.della_merge(base, tensors, densities, epsilons, seed, inverse, scales, weights, sign_source, consensus,
+                         divisor, normalize, lambda_, out_dtype)
+
+
+_TRITON_OPS = {name: globals()[f"triton_{name}"] for name in _FAKES}
+for _name, _op in _TRITON_OPS.items():
+    _op.register_fake(_FAKES[_name])
 
 if _backend.cpp_available():
     _register_cpp_fakes()
@@ -76,16 +211,33 @@ class Primitives(NamedTuple):
     delta_topk_thresholds: Callable
     delta_l1_norms: Callable
     fused_merge: Callable
+    key_histogram: Callable
+    key_mask: Callable
+    key_find: Callable
+    row_select: Callable
+    row_topk_mask: Callable
+    row_rank: Callable
+    trimmed_mean: Callable
+    sign_count: Callable
+    della_l1_norms: Callable
+    della_merge: Callable
+
+
+_REFERENCE_MODULES = (ref_selection, ref_merging, ref_statistics, ref_della)
+
+
+def _reference_op(name: str) -> Callable:
+    return next(getattr(m, name) for m in _REFERENCE_MODULES if hasattr(m, name))
 
 
 # Built once at import so torch.compile sees plain globals.
 _PRIMITIVES = {
-    "reference": Primitives(ref_selection.delta_topk_thresholds, ref_merging.delta_l1_norms, ref_merging.fused_merge),
-    "triton": Primitives(triton_delta_topk_thresholds, triton_delta_l1_norms, triton_fused_merge),
+    "reference": Primitives(**{name: _reference_op(name) for name in Primitives._fields}),
+    "triton": Primitives(**_TRITON_OPS),
 }
 if _backend.cpp_available():
     _PRIMITIVES["cpp"] = _PRIMITIVES["cuda"] = Primitives(
-        torch.ops.pykernels.delta_topk_thresholds, torch.ops.pykernels.delta_l1_norms, torch.ops.pykernels.fused_merge)
+        **{name: getattr(torch.ops.pykernels, name) for name in Primitives._fields})
 
 
 def primitives(backend: str) -> Primitives:

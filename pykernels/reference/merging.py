@@ -85,13 +85,22 @@ def delta_l1_norms(base, tensors, sparsifier, thresholds, keep_probs, seed) -> t
 def fused_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales, weights, sign_source,
                 consensus, divisor, normalize, lambda_, out_dtype) -> torch.Tensor:
     """out = base + lambda * (sum_i w_i s_i mask_i) / divisor, all arithmetic in float32, models in order."""
-    shape = tensors[0].shape
-    n = tensors[0].numel()
-    weighted, electors = [], []
+    sparsified = []
     for m, t in enumerate(tensors):
         d = task_vector(base, t)
         keep = keep_of(d, m, sparsifier, thresholds, keep_probs, seed)
-        s = torch.where(keep, d * scales[m].to(torch.float32), torch.zeros((), dtype=torch.float32))
+        sparsified.append(torch.where(keep, d * scales[m].to(torch.float32), torch.zeros((), dtype=torch.float32)))
+    return combine(base, tensors, sparsified, weights, sign_source, consensus, divisor, normalize, lambda_, out_dtype)
+
+
+def combine(base, tensors, sparsified, weights, sign_source, consensus, divisor, normalize, lambda_,
+            out_dtype) -> torch.Tensor:
+    """The merge after sparsification, shared by every sparsifier: `sparsified` holds each model's s_i (flat
+    float32); weighting, sign election, divisor, normalize, lambda, + base and the NaN-poison rule."""
+    shape = tensors[0].shape
+    n = tensors[0].numel()
+    weighted, electors = [], []
+    for m, s in enumerate(sparsified):
         wd = torch.tensor(weights[m], dtype=torch.float32) * s
         weighted.append(wd)
         electors.append(wd if sign_source == 0 else s)
