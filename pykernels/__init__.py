@@ -1,8 +1,8 @@
 """pykernels: fused kernels for model merging, order statistics, block-sparse attention and MoE routing."""
 from . import _ops  # noqa: F401  (registers the operators and their fake implementations)
 from .merging import METHODS, dare_linear, dare_ties, linear, merge, sparsify, task_arithmetic, ties
-from .selection import delta_topk_thresholds, topk_mask
+from .selection import StreamingThreshold, delta_topk_thresholds, kth_largest, quantile, rank, topk_mask
 
 __version__ = "0.1.0"
 __all__ = ["METHODS", "merge", "sparsify", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
-           "delta_topk_thresholds", "topk_mask"]
+           "delta_topk_thresholds", "topk_mask", "kth_largest", "quantile", "rank", "StreamingThreshold"]

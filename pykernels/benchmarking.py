@@ -9,6 +9,7 @@ measurement so allocator caches of earlier runs do not hide it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -219,3 +220,147 @@ def format_merging_table(rows: list[dict]) -> str:
                      f"{ratio('reference')} | {ratio('mergekit')} | {ratio('peft')} | "
                      f"{mem(r, 'pykernels')} / {mem(r, 'mergekit')} / {mem(r, 'peft')} |")
     return "\n".join(lines)
+
+
+# --- order statistics ---------------------------------------------------------------------------------------
+
+SELECTION_SIZES = {"default": (10**6, 16 * 10**6, 10**8), "small": (10**6, 4 * 10**6), "tiny": (10**4,)}
+RANK_SHAPES = {"default": (4096, 11008), "small": (1024, 2048), "tiny": (64, 96)}
+TORCH_QUANTILE_LIMIT = 1 << 24
+
+
+def selection_implementations(n: int) -> dict[str, Callable]:
+    """name -> fn(x) for the k-th largest (k = n // 2) and the median of n fp32 elements."""
+    import pykernels as pk
+
+    k = n // 2
+    impls = {
+        "read_floor": lambda x: torch.sum(x),  # one read pass over the data
+        "kth_largest": lambda x: pk.kth_largest(x, k),
+        "quantile": lambda x: pk.quantile(x, 0.5),
+        "torch.kthvalue": lambda x: torch.kthvalue(x, n - k + 1),  # the same element, counted from below
+    }
+    if n <= TORCH_QUANTILE_LIMIT:
+        impls["torch.quantile"] = lambda x: torch.quantile(x, 0.5)
+    return impls
+
+
+def rank_implementations() -> dict[str, Callable]:
+    import pykernels as pk
+
+    return {
+        "read_floor": lambda x: torch.sum(x),
+        "rank": lambda x: pk.rank(x, dim=-1),
+        "argsort(argsort)": lambda x: torch.argsort(torch.argsort(x.abs(), dim=-1, stable=True), dim=-1,
+                                                    stable=True) + 1,
+    }
+
+
+def selection_table(size: str = "default", threads: int = 2, repeats: int = 5, progress=print) -> list[dict]:
+    """Times of the order statistics beside torch and one read pass, measured in this process, same inputs."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in SELECTION_SIZES[size]:
+        x = torch.randn(n, generator=g)
+        row = {"op": "kth / median", "shape": [n]}
+        for name, fn in selection_implementations(n).items():
+            progress(f"  selection n={n:.2g} {name} ...")
+            row[name] = {"seconds": time_fn(fn, (x,), 1 if name.startswith("torch") and n > 10**7 else repeats)}
+        rows.append(row)
+        del x
+    shape = RANK_SHAPES[size]
+    x = torch.randn(shape, generator=g)
+    row = {"op": "per-row rank", "shape": list(shape)}
+    for name, fn in rank_implementations().items():
+        progress(f"  rank {shape} {name} ...")
+        row[name] = {"seconds": time_fn(fn, (x,), repeats)}
+    rows.append(row)
+    return rows
+
+
+def format_selection_table(rows: list[dict]) -> str:
+    """Markdown: our time, in read passes over the data, and torch's time as a ratio to ours."""
+    lines = ["| op | elements | ours ms | x one read pass | torch.kthvalue / ours | torch.quantile / ours | "
+             "argsort(argsort) / ours |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def secs(name):
+            return r.get(name, {}).get("seconds")
+
+        ours_name = "rank" if "rank" in r else "kth_largest"
+        ours = secs(ours_name)
+        ratio = lambda name: f"{secs(name) / ours:.1f}" if secs(name) and ours else "n/a"
+        label = r["op"] if ours_name == "rank" else "kth_largest (quantile)"
+        ours_ms = f"{ours * 1e3:.1f}" + (f" ({secs('quantile') * 1e3:.1f})" if secs("quantile") else "")
+        elements = "x".join(str(s) for s in r["shape"])
+        lines.append(f"| {label} | {elements} | {ours_ms} | {ours / secs('read_floor'):.2f} | "
+                     f"{ratio('torch.kthvalue')} | {ratio('torch.quantile')} | {ratio('argsort(argsort)')} |")
+    return "\n".join(lines)
+
+
+class SyntheticModel:
+    """A Mapping of tensor name -> fp32 tensor generated on access from a per-name seed: a model of any size
+    that never sits in memory as a whole (Llama-like shapes, `layers` blocks)."""
+
+    def __init__(self, layers: int, hidden: int = 2048, intermediate: int = 5632, vocab: int = 32000, seed: int = 0):
+        self.shapes = {"embed": (vocab, hidden)}
+        for i in range(layers):
+            for name, shape in (("q", (hidden, hidden)), ("k", (hidden // 4, hidden)), ("v", (hidden // 4, hidden)),
+                                ("o", (hidden, hidden)), ("gate", (intermediate, hidden)),
+                                ("up", (intermediate, hidden)), ("down", (hidden, intermediate))):
+                self.shapes[f"layers.{i}.{name}"] = shape
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def keys(self):
+        return self.shapes.keys()
+
+    def __contains__(self, name):
+        return name in self.shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        index = list(self.shapes).index(name)
+        g = torch.Generator().manual_seed(self.seed * 100003 + index)
+        return torch.randn(self.shapes[name], generator=g)
+
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes.values())
+
+    def largest_tensor_bytes(self) -> int:
+        return max(math.prod(s) for s in self.shapes.values()) * 4
+
+
+def streaming_threshold_run(layers: int, density: float = 0.1) -> dict:
+    """Global magnitude threshold over a SyntheticModel streamed tensor by tensor: time and peak extra memory
+    (run it in a fresh process: see measure_streaming_in_subprocess)."""
+    import pykernels as pk
+
+    model = SyntheticModel(layers)
+    names = list(model.keys())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_kib("VmRSS")
+    t0 = time.perf_counter()
+    st = pk.StreamingThreshold(density=density)
+    for name in names:
+        st.update(model[name])
+    threshold = st.resolve(lambda i: model[names[i]])
+    seconds = time.perf_counter() - t0
+    peak = (_rss_kib("VmHWM") - before) * 1024
+    return {"parameters": model.numel(), "seconds": seconds, "peak_extra_bytes": peak,
+            "largest_tensor_bytes": model.largest_tensor_bytes(), "threshold": threshold.value}
+
+
+def measure_streaming_in_subprocess(layers: int, threads: int = 2) -> dict:
+    code = ("import json; from pykernels.benchmarking import streaming_threshold_run; "
+            f"print(json.dumps(streaming_threshold_run({layers})))")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -23,18 +23,32 @@ def _machine() -> str:
 def bench(args) -> int:
     from . import benchmarking as b
 
-    shape = b.SIZES[args.size]
-    print(f"pykernels bench: merging, N=3 models + base, shape {shape}, density 0.2, {args.threads} threads")
+    progress = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     print(f"machine: {_machine()}")
-    rows = b.merging_table(shape=shape, threads=args.threads, repeats=args.repeats, only=args.only,
-                           progress=lambda s: print(s, file=sys.stderr, flush=True))
-    print(b.format_merging_table(rows))
+    results = {"machine": _machine()}
+    if args.family in ("merging", "all"):
+        shape = b.SIZES[args.size]
+        print(f"pykernels bench: merging, N=3 models + base, shape {shape}, density 0.2, {args.threads} threads")
+        rows = b.merging_table(shape=shape, threads=args.threads, repeats=args.repeats, only=args.only,
+                               progress=progress)
+        print(b.format_merging_table(rows))
+        results["merging"] = rows
+        if args.plot:
+            plot_speedups(rows, args.plot)
+            print(f"plot written to {args.plot}")
+    if args.family in ("selection", "all"):
+        print(f"pykernels bench: order statistics, fp32, {args.threads} threads")
+        rows = b.selection_table(args.size, threads=args.threads, repeats=args.repeats, progress=progress)
+        print(b.format_selection_table(rows))
+        results["selection"] = rows
+        if args.size == "default":
+            stream = b.measure_streaming_in_subprocess(22, args.threads)
+            print(f"StreamingThreshold over a synthetic {stream.get('parameters', 0) / 1e9:.2f}B-parameter model "
+                  f"streamed tensor by tensor: {stream}")
+            results["streaming"] = stream
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": _machine(), "merging": rows}, f, indent=1)
-    if args.plot:
-        plot_speedups(rows, args.plot)
-        print(f"plot written to {args.plot}")
+            json.dump(results, f, indent=1)
     return 0
 
 
@@ -89,7 +103,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pykernels")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("bench", help="run the benchmark suite (each kernel vs reference vs peers vs floor)")
-    p.add_argument("--family", default="merging", choices=["merging"])
+    p.add_argument("--family", default="all", choices=["merging", "selection", "all"])
     p.add_argument("--size", default="default", choices=["default", "small", "tiny"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)

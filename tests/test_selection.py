@@ -1,4 +1,4 @@
-"""The radix-select primitive: exact magnitude top-k thresholds equal sorting, on every backend."""
+"""The merge engine's radix-select primitive: exact magnitude top-k thresholds equal sorting, on every backend."""
 from __future__ import annotations
 
 import pytest
@@ -69,8 +69,10 @@ def test_special_values(backend, dtype):
 @pytest.mark.parametrize("backend", backend_params())
 def test_nan_ranks_above_inf(backend):
     x = torch.tensor([1.0, float("nan"), float("inf"), -float("nan"), 3.0])
-    mask = pk.topk_mask(x, 2, backend=backend)
+    mask = pk.topk_mask(x, 2, nan="largest", backend=backend)
     assert mask.tolist() == [False, True, False, True, False]
+    with pytest.raises(ValueError, match="contains NaN"):
+        pk.topk_mask(x, 2, backend=backend)
 
 
 @pytest.mark.parametrize("backend", backend_params())

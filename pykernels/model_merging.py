@@ -1,0 +1,172 @@
+"""Whole-model merges: every tensor of a checkpoint, with optional model-wide ("global") density.
+
+`merge_model` merges tensor by tensor (peak memory: one tensor's inputs and its output). With
+`global_density=True` each model's sparsification is decided over the whole model, as in the TIES paper: the
+magnitude top-k (ties, breadcrumbs) keeps the `density` fraction of all of a model's task-vector entries, with
+one exact threshold from a StreamingThreshold, and DARE's l1 rescale matches whole-model norms. Ties at a
+global threshold are kept in (tensor order, flat index) order. Cost: two extra reads of every tensor per
+threshold (histogram, refine), each computing one task vector at a time.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from . import _backend, _ops
+from .merging import METHODS, _check_densities, _per_model, _topk_counts, merge
+from .reference.selection import KEEP_NONE, ORDER_NAN_KEY
+from .selection import StreamingThreshold
+
+ENGINE_NAN_KEY = 0x7F800001  # the merge engine's magnitude key of NaN (reference.selection.NAN_KEY)
+GLOBAL_SPARSIFIERS = ("magnitude", "band", "random")
+
+
+def _progress(items: Sequence, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="tensor")
+
+
+def _task_vector(base: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """d = tensor - base in float32: the same float32 subtraction the kernels perform."""
+    return tensor.float() - base.float()
+
+
+def _tensor_names(base: Mapping, models: Sequence[Mapping]) -> list[str]:
+    names = list(base.keys())
+    for i, m in enumerate(models):
+        missing = [n for n in names if n not in m]
+        if missing:
+            raise KeyError(f"models[{i}] lacks tensor {missing[0]!r} (and {len(missing) - 1} more) of the base")
+    return names
+
+
+def _engine_threshold(threshold, i: int, d: torch.Tensor, ops) -> tuple[int, int]:
+    """The engine's (key, cutoff) of a global threshold restricted to tensor i with task vector d."""
+    if threshold.key == KEEP_NONE:
+        return KEEP_NONE, -1
+    kept = threshold.ties_kept_per_tensor()[i]
+    key = ENGINE_NAN_KEY if threshold.key == ORDER_NAN_KEY else threshold.key
+    if kept == threshold.ties_per_tensor[i]:
+        return key, d.numel() - 1
+    if kept == 0:
+        return key, -1
+    return key, int(ops.key_find(d, True, threshold.key, kept))
+
+
+class _GlobalSelection:
+    """Per model, the global thresholds (one for magnitude, two for band) resolved over every tensor."""
+
+    def __init__(self, base: Mapping, models: Sequence[Mapping], names: list[str], ranks: list[list[int]],
+                 progress: bool, backend):
+        self.names, self.backend = names, backend
+        self.thresholds = []  # [model][j] -> Threshold
+        for m, model in enumerate(models):
+            def d_of(i: int, model=model) -> torch.Tensor:
+                return _task_vector(base[names[i]], model[names[i]])
+
+            resolved = []
+            for k in ranks[m]:
+                st = StreamingThreshold(k, abs=True, nan="largest", backend=backend)
+                for i in _progress(range(len(names)), progress, f"model {m}: histogram"):
+                    st.update(d_of(i))
+                resolved.append(st.resolve(d_of))
+            self.thresholds.append(resolved)
+
+    def for_tensor(self, i: int, base_t: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+        ops = _ops.primitives(_backend.resolve(self.backend, base_t.device))
+        rows = []
+        for m, t in enumerate(tensors):
+            d = _task_vector(base_t, t)
+            row = []
+            for th in self.thresholds[m]:
+                row.extend(_engine_threshold(th, i, d, ops))
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.int64)
+
+
+def _global_ranks(method: str, densities: list[float], gammas: list[float], total: int, k_rule: str) -> list[list[int]]:
+    """Per model, the global top-k sizes to resolve: [k] for magnitude, [k_outer, k_top] for band."""
+    sparsifier = METHODS[method].sparsifier
+    ks = _topk_counts(densities, total, k_rule)
+    if sparsifier == "magnitude":
+        return [[k] for k in ks]
+    ranks = []
+    for rho, gamma, target in zip(densities, gammas, ks):
+        if rho >= 1.0:
+            ranks.append([total, 0])
+            continue
+        n_top = int(gamma * total)
+        n_top = min(n_top, total - target)
+        ranks.append([n_top + target, n_top])
+    return ranks
+
+
+def _global_l1_scales(base: Mapping, models: Sequence[Mapping], names: list[str], densities: list[float],
+                      seed: int, progress: bool, backend) -> torch.Tensor:
+    """DARE's l1 rescale over the whole model: sum |d| / sum |kept d| per model (skipped when either < 1e-7)."""
+    totals = torch.zeros(len(models), 2, dtype=torch.float64)
+    for name in _progress(names, progress, "l1 norms"):
+        b = base[name]
+        ops = _ops.primitives(_backend.resolve(backend, b.device))
+        thresholds = torch.zeros(len(models), 2, dtype=torch.int64)
+        totals += ops.delta_l1_norms(b, [m[name] for m in models], 2, thresholds, densities, seed).cpu()
+    before, after = totals[:, 0], totals[:, 1]
+    skip = (before < 1e-7) | (after < 1e-7)
+    return torch.where(skip, torch.ones_like(before), before / after).to(torch.float32)
+
+
+def merge_model(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
+                method: str = "task_arithmetic", *, global_density: bool = False, densities=None, gamma=None,
+                seed: int = 0, k_rule: str = "strict", progress: bool = False, backend: str | None = None,
+                on_tensor: Callable[[str, torch.Tensor], None] | None = None, **kwargs) -> dict[str, torch.Tensor]:
+    """Merge every tensor of `base` with the same-named tensors of `models` (mappings: dicts, or lazy
+    loaders such as a safetensors handle wrapped in a Mapping). Extra keyword arguments go to `merge`.
+
+    global_density: one model-wide threshold per model (ties, breadcrumbs, breadcrumbs_ties; for dare_ties and
+    dare_linear the l1 rescale uses whole-model norms). on_tensor(name, merged): called for each merged tensor
+    (e.g. to write it out); then the result dict stays empty, so memory holds one tensor at a time.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    names = _tensor_names(base, models)
+    n = len(models)
+    merge_kwargs = dict(kwargs, seed=seed, k_rule=k_rule, backend=backend, densities=densities)
+    if gamma is not None:
+        merge_kwargs["gamma"] = gamma
+    selection = scales = None
+    if global_density:
+        sparsifier = METHODS[method].sparsifier
+        if sparsifier not in GLOBAL_SPARSIFIERS:
+            raise ValueError(f"global_density applies to methods with a magnitude, band or random sparsifier, "
+                             f"not {method!r}")
+        rhos = _per_model(densities, n, "densities", 1.0)
+        _check_densities(rhos)
+        if sparsifier == "random":
+            if kwargs.get("rescale", METHODS[method].rescale) in ("l1", True):
+                scales = _global_l1_scales(base, models, names, rhos, seed, progress, backend)
+        else:
+            gammas = _per_model(gamma, n, "gamma", 0.01)
+            total = sum(base[name].numel() for name in names)
+            ranks = _global_ranks(method, rhos, gammas, total, k_rule)
+            selection = _GlobalSelection(base, models, names, ranks, progress, backend)
+    merged = {}
+    for i, name in enumerate(_progress(names, progress, "merge")):
+        b = base[name]
+        tensors = [m[name] for m in models]
+        prepared = {}
+        if selection is not None:
+            prepared["thresholds"] = selection.for_tensor(i, b, tensors).to(b.device)
+        if scales is not None:
+            prepared["scales"] = scales.to(b.device)
+        out = merge(b, tensors, method, _prepared=prepared or None, **merge_kwargs)
+        if on_tensor is not None:
+            on_tensor(name, out)
+        else:
+            merged[name] = out
+    return merged
