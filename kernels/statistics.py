@@ -160,7 +160,7 @@ def trimmed_mean(base, tensors, trim, out_dtype) -> torch.Tensor:
     out = torch.empty(shape, dtype=out_dtype if direct else torch.float32, device=device)
     if numel > 0:
         np2 = triton.next_power_of_2(n)
-        rows = max(16, _TILE // np2)
+        rows = max(16, min(_TILE // np2, triton.next_power_of_2(numel)))  # small inputs: one small program
         has_base = base is not None
         _trimmed_mean_kernel[(triton.cdiv(numel, rows),)](
             base if has_base else tensors[0], ptrs, dts, out, numel, n, trim, float(n - 2 * trim),

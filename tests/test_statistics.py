@@ -12,22 +12,14 @@ Triton cases run only in the TRITON_INTERPRET=1 process (marked `triton`) and ar
 """
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 import pytest
 import torch
 
-import pykernels.kernels
 from conftest import backend_params
 from pykernels import _backend, _ops
 from pykernels import statistics as stats
 from pykernels.reference import statistics as ref
-
-# An editable install maps pykernels.kernels to the installed checkout's kernels/; test this checkout's.
-_KERNELS = str(pathlib.Path(__file__).resolve().parents[1] / "kernels")
-if _KERNELS not in pykernels.kernels.__path__:
-    pykernels.kernels.__path__.insert(0, _KERNELS)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy NaN/overflow warnings (interpreter)
 
