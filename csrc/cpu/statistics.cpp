@@ -162,7 +162,8 @@ void trimmed_mean_tile(const TrimPlan& plan, int64_t start, int32_t len, ChunkBu
   for (int m = 0; m < plan.n; ++m) {
     const float* x = in.models[m].load(start, len, buf[1]);
     int32_t* row = keys + m * plan.row_stride;
-    largest = std::max(largest, b != nullptr ? keys_pass<true>(x, b, len, row) : keys_pass<false>(x, nullptr, len, row));
+    const uint32_t l = b != nullptr ? keys_pass<true>(x, b, len, row) : keys_pass<false>(x, nullptr, len, row);
+    largest = std::max(largest, l);
   }
   const bool has_nan = largest > 0x7F800000u;
   if (has_nan) {  // rare: flag the elements with a NaN value before the network reorders the rows
