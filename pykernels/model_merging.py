@@ -70,13 +70,10 @@ class _GlobalSelection:
             def d_of(i: int, model=model) -> torch.Tensor:
                 return _task_vector(base[names[i]], model[names[i]])
 
-            resolved = []
-            for k in ranks[m]:
-                st = StreamingThreshold(k, abs=True, nan="largest", backend=backend)
-                for i in _progress(range(len(names)), progress, f"model {m}: histogram"):
-                    st.update(d_of(i))
-                resolved.append(st.resolve(d_of))
-            self.thresholds.append(resolved)
+            st = StreamingThreshold(0, abs=True, nan="largest", backend=backend)
+            for i in _progress(range(len(names)), progress, f"model {m}: histogram"):
+                st.update(d_of(i))
+            self.thresholds.append([st.resolve(d_of, k=k) for k in ranks[m]])
 
     def for_tensor(self, i: int, base_t: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
         ops = _ops.primitives(_backend.resolve(self.backend, base_t.device))

@@ -386,9 +386,14 @@ class StreamingThreshold:
             dist.all_reduce(t, group=self._group)
         return t
 
-    def resolve(self, tensors) -> "Threshold":
-        """The exact threshold, after one refine pass over `tensors` (the same tensors, in update order)."""
-        k = self.k
+    def resolve(self, tensors, *, k: int | None = None) -> "Threshold":
+        """The exact threshold, after one refine pass over `tensors` (the same tensors, in update order).
+        k overrides the k given at construction (histograms are independent of k: one set serves many k)."""
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.total:
+                raise ValueError(f"k must be an int in [0, {self.total}], got {k!r}")
+        else:
+            k = self.k
         if self.nan == "raise" and int(self.high[_NAN_BUCKET]) > 0:
             raise _nan_error("a tensor fed to StreamingThreshold")
         if k == 0:
