@@ -9,16 +9,18 @@
 //      keys rank by ascending index, exactly reference.selection.row_rank,
 //   3. p = lo + step * float32(r - 1) (a float32 multiply then a float32 add; the build uses -ffp-contract=off,
 //      so this is never an FMA) and keep = philox_uniform(model_seed(seed, m), i) < p (philox_simd.h),
-//   4. keeps d (or d / p with `inverse`) and the keep flag in the thread's row buffers;
-// then evaluates merge_element() (common/merge_math.h: the per-element combination of fused_merge) for every
-// element of the row and writes the output row. Every element sees the float32 operations of the reference in
-// the same order, so the output is bit-identical to it for any thread count.
+//   4. replaces d by the model's sparsified value s = keep ? (inverse ? d / p : d) * scales[m] : 0 in the thread's
+//      row buffer of model m;
+// then combines the N rows with the float32 operations of merge_element() (common/merge_math.h, the per-element
+// combination of fused_merge) in the same order, pass by pass over the row, and writes the output row. Every
+// element sees the float32 operations of the reference in the same order, so the output is bit-identical to it
+// for any thread count.
 //
 // Shortcuts that do not change a single bit: a model with density >= 1 keeps everything (p = 1, d / 1 = d), one
 // with density <= 0 nothing; a model with step == 0 (epsilon 0, or n == 1) has p = lo at every rank, so its row
 // is not ranked (p is only used where it is > 0, i.e. where something is kept, and lo + 0 == lo there).
 //
-// Extra memory: the output, plus per-thread row buffers of about (5 N + 40) bytes per element of a row (N models).
+// Extra memory: the output, plus per-thread row buffers of about (4 N + 60) bytes per element of a row (N models).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,7 +30,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <memory>
 #include <vector>
 
 #include "common/merge_math.h"
@@ -92,23 +93,26 @@ struct RowWork {
         u(n),
         out(n),
         d(static_cast<size_t>(models) * n),
-        keep(static_cast<size_t>(models) * n),
+        keep(n),
         bad(n),
         keys(n),
         order(n),
-        ranks(n) {}
+        ranks(n),
+        acc(n),
+        mixed(n),
+        div(n) {}
 
   float* d_of(int m) { return d.data() + static_cast<int64_t>(m) * n; }
-  uint8_t* keep_of(int m) { return keep.data() + static_cast<int64_t>(m) * n; }
 
   int64_t n;
   std::vector<float> base, x, u, out;
-  std::vector<float> d;        // (models, n): d, or d / p with inverse
-  std::vector<uint8_t> keep;   // (models, n)
+  std::vector<float> d;        // (models, n): d, then (merge) the sparsified values s
+  std::vector<uint8_t> keep;   // the norms' keep flags
   std::vector<uint8_t> bad;    // an input is NaN/Inf at this element
   std::vector<uint32_t> keys, order;
   std::vector<int32_t> ranks;  // 1-based
   RowSortScratch sort;
+  std::vector<float> acc, mixed, div;  // the combination (acc: mixed without consensus, else the election total)
 };
 
 // d = x - b (x without a base); bad |= x is NaN/Inf.
@@ -121,28 +125,50 @@ void delta_row(const float* __restrict x, const float* __restrict b, int64_t n, 
   }
 }
 
-// keep[j] = u[j] < p_j with p_j = lo + step * float32(r_j - 1); with kInverse d[j] = d[j] / p_j.
-template <bool kRanked, bool kInverse>
-void keep_row(const float* __restrict u, const int32_t* __restrict ranks, float lo, float step, int64_t n,
-              float* __restrict d, uint8_t* __restrict keep) {
+// The keep decision of a row: p_j = lo + step * float32(r_j - 1) (p_j = lo without ranks), keep_j = u_j < p_j.
+// kMerge: d[j] becomes model m's sparsified value s_j = keep_j ? (kInverse ? d_j / p_j : d_j) * scale : 0
+// (merge_element's s); else keep[j] = keep_j (the norms).
+template <bool kRanked, bool kInverse, bool kMerge>
+void keep_row(const float* __restrict u, const int32_t* __restrict ranks, float lo, float step, float scale,
+              int64_t n, float* __restrict d, uint8_t* __restrict keep) {
   for (int64_t j = 0; j < n; ++j) {
     const float p = kRanked ? lo + step * static_cast<float>(ranks[j] - 1) : lo;
-    keep[j] = u[j] < p;
-    if (kInverse) d[j] = d[j] / p;  // used only where kept (p > 0)
+    const bool k = u[j] < p;
+    if (kMerge) {
+      const float v = kInverse ? d[j] / p : d[j];  // computed everywhere, used only where kept (p > 0)
+      d[j] = k ? v * scale : 0.f;
+    } else {
+      keep[j] = k;
+    }
   }
 }
 
-// Model m's d (or d / p with inverse) and keep flags for the row starting at flat index `start`.
-void model_row(const DellaRule& rule, const float* x, const float* b, int64_t start, bool inverse, RowWork& w,
-               float* d, uint8_t* keep) {
+// s = d * scale (everything kept, p = 1: d / 1 == d).
+void scale_row(float scale, int64_t n, float* __restrict d) {
+  for (int64_t j = 0; j < n; ++j) d[j] = d[j] * scale;
+}
+
+// Model m's row starting at flat index `start`: for the merge (keep == nullptr) its sparsified values s in d;
+// for the norms d and its keep flags.
+void model_row(const DellaRule& rule, const float* x, const float* b, int64_t start, bool inverse, float scale,
+               RowWork& w, float* d, uint8_t* keep) {
   const int64_t n = w.n;
+  const bool merge = keep == nullptr;
   with_bool(b != nullptr, [&](auto has_base) { delta_row<decltype(has_base)::value>(x, b, n, d, w.bad.data()); });
   if (rule.kind == DellaRule::kAll) {
-    std::fill(keep, keep + n, uint8_t(1));  // p = 1: d / 1 == d
+    if (merge) {
+      scale_row(scale, n, d);
+    } else {
+      std::fill(keep, keep + n, uint8_t(1));
+    }
     return;
   }
   if (rule.kind == DellaRule::kNone) {
-    std::fill(keep, keep + n, uint8_t(0));
+    if (merge) {
+      std::fill(d, d + n, 0.f);
+    } else {
+      std::fill(keep, keep + n, uint8_t(0));
+    }
     return;
   }
   philox_uniform_fill(rule.seed, start, n, w.u.data());
@@ -153,8 +179,10 @@ void model_row(const DellaRule& rule, const float* x, const float* b, int64_t st
   }
   with_bool(ranked, [&](auto r) {
     with_bool(inverse, [&](auto inv) {
-      keep_row<decltype(r)::value, decltype(inv)::value>(w.u.data(), w.ranks.data(), rule.lo, rule.step, n, d,
-                                                         keep);
+      with_bool(merge, [&](auto mg) {
+        keep_row<decltype(r)::value, decltype(inv)::value, decltype(mg)::value>(w.u.data(), w.ranks.data(), rule.lo,
+                                                                                rule.step, scale, n, d, keep);
+      });
     });
   });
 }
@@ -215,8 +243,8 @@ at::Tensor della_l1_norms(const c10::optional<at::Tensor>& base, at::TensorList 
         const float* b = begin_row(plan, start, w);
         for (int m = 0; m < models; ++m) {
           const float* x = in.models[m].load(start, plan.n, w.x.data());
-          model_row(plan.rules[m], x, b, start, /*inverse=*/false, w, w.d_of(0), w.keep_of(0));
-          l1_chunk(w.d_of(0), w.keep_of(0), plan.n, sums[2 * m], sums[2 * m + 1]);
+          model_row(plan.rules[m], x, b, start, /*inverse=*/false, 1.f, w, w.d_of(0), w.keep.data());
+          l1_chunk(w.d_of(0), w.keep.data(), plan.n, sums[2 * m], sums[2 * m + 1]);
         }
       }
     }
@@ -230,18 +258,102 @@ at::Tensor della_l1_norms(const c10::optional<at::Tensor>& base, at::TensorList 
 
 // ------------------------------------------------------------------------------------------------------------
 
-// out[j] = merge_element(d[.][j], keep[.][j]) for the row.
-void combine_row(const MergeParams& p, const float* b, RowWork& w, float* out) {
-  float d[kMaxModels];
-  bool keep[kMaxModels];
-  const int64_t n = w.n;
+// The combination of merge_element() (common/merge_math.h) over a row, pass by pass: each element sees the float32
+// operations of merge_element in the same order (sums start at 0 and add the models in order), so the result is
+// bit-identical to it (and to the reference), while every loop runs over contiguous rows and vectorises.
+
+// weighted = w * s; elector = weighted (weighted sign source) or s.
+template <bool kUnweighted>
+inline float elector_of(float weighted, float s) {
+  return kUnweighted ? s : weighted;
+}
+
+// No consensus: acc += w * s.
+void mix_pass(const float* __restrict s, float weight, int64_t n, float* __restrict acc) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += weight * s[j];
+}
+
+// Election total: acc += elector (sum) or sign(elector) (count).
+template <bool kUnweighted, bool kCount>
+void total_pass(const float* __restrict s, float weight, int64_t n, float* __restrict acc) {
   for (int64_t j = 0; j < n; ++j) {
-    for (int m = 0; m < p.n; ++m) {
-      d[m] = w.d[m * n + j];
-      keep[m] = w.keep[m * n + j] != 0;
-    }
-    out[j] = merge_element(p, d, keep, b != nullptr ? b[j] : 0.f, w.bad[j] != 0);
+    const float e = elector_of<kUnweighted>(weight * s[j], s[j]);
+    acc[j] += kCount ? sign_of(e) : e;
   }
+}
+
+// One model's share of the agreeing sum and divisor, given majority[j] = +-1.
+template <bool kUnweighted>
+void agree_pass(const float* __restrict s, const float* __restrict majority, float weight, float term, int64_t n,
+                float* __restrict mixed, float* __restrict div) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float wd = weight * s[j];
+    const bool agree = sign_of(elector_of<kUnweighted>(wd, s[j])) == majority[j];
+    mixed[j] += agree ? wd : 0.f;
+    div[j] += agree ? term : 0.f;
+  }
+}
+
+enum Normalize : int { kKeepScale = 0, kByStatic = 1, kByAgreeing = 2 };
+
+// out = base + lambda * (mixed / div); NaN where an input is NaN/Inf but the result is finite.
+template <int kNormalize, bool kLambda, bool kBase>
+void finish_pass(const float* __restrict mixed, const float* __restrict div, float static_div, float lambda,
+                 const float* __restrict b, const uint8_t* __restrict bad, int64_t n, float* __restrict out) {
+  for (int64_t j = 0; j < n; ++j) {
+    float v = mixed[j];
+    if (kNormalize == kByStatic) v = v / static_div;
+    if (kNormalize == kByAgreeing) v = v / (div[j] == 0.f ? 1.f : div[j]);
+    if (kLambda) v = lambda * v;
+    if (kBase) v = b[j] + v;
+    out[j] = bad[j] && is_finite(v) ? quiet_nan() : v;
+  }
+}
+
+// out = the merged row from the models' sparsified rows w.d_of(m).
+void combine_row(const MergeParams& p, const float* b, RowWork& w, float* out) {
+  const int64_t n = w.n;
+  float* acc = w.acc.data();
+  std::fill(acc, acc + n, 0.f);
+  const float* mixed = acc;
+  const bool unweighted = p.sign_source == kUnweighted;
+  if (p.consensus == kNoConsensus) {
+    for (int m = 0; m < p.n; ++m) mix_pass(w.d_of(m), p.weights[m], n, acc);
+  } else {
+    with_bool(unweighted, [&](auto uw) {
+      with_bool(p.consensus == kCount, [&](auto count) {
+        for (int m = 0; m < p.n; ++m) {
+          total_pass<decltype(uw)::value, decltype(count)::value>(w.d_of(m), p.weights[m], n, acc);
+        }
+      });
+    });
+    for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] >= 0.f ? 1.f : -1.f;  // the majority (a NaN total: -1)
+    std::fill(w.mixed.begin(), w.mixed.end(), 0.f);
+    std::fill(w.div.begin(), w.div.end(), 0.f);
+    with_bool(unweighted, [&](auto uw) {
+      for (int m = 0; m < p.n; ++m) {
+        const float term = p.divisor == kWeights ? p.weights[m] : 1.f;
+        agree_pass<decltype(uw)::value>(w.d_of(m), acc, p.weights[m], term, n, w.mixed.data(), w.div.data());
+      }
+    });
+    mixed = w.mixed.data();
+  }
+  const int normalize = !p.normalize ? kKeepScale : p.consensus == kNoConsensus ? kByStatic : kByAgreeing;
+  with_bool(p.lambda != 1.f, [&](auto scaled) {
+    with_bool(b != nullptr, [&](auto has_base) {
+      auto run = [&](auto norm) {
+        finish_pass<decltype(norm)::value, decltype(scaled)::value, decltype(has_base)::value>(
+            mixed, w.div.data(), p.static_divisor, p.lambda, b, w.bad.data(), n, out);
+      };
+      if (normalize == kKeepScale) {
+        run(std::integral_constant<int, kKeepScale>{});
+      } else if (normalize == kByStatic) {
+        run(std::integral_constant<int, kByStatic>{});
+      } else {
+        run(std::integral_constant<int, kByAgreeing>{});
+      }
+    });
+  });
 }
 
 bool is_supported_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
@@ -287,7 +399,7 @@ at::Tensor della_merge(const c10::optional<at::Tensor>& base, at::TensorList ten
       const float* b = begin_row(plan, start, w);
       for (int m = 0; m < models; ++m) {
         const float* x = in.models[m].load(start, plan.n, w.x.data());
-        model_row(plan.rules[m], x, b, start, inverse, w, w.d_of(m), w.keep_of(m));
+        model_row(plan.rules[m], x, b, start, inverse, p.scales[m], w, w.d_of(m), nullptr);
       }
       float* dst = out_fp32 != nullptr ? out_fp32 + start : w.out.data();
       combine_row(p, b, w, dst);
