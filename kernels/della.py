@@ -63,7 +63,7 @@ def _sorted_row(base_ptr, ptrs, dts, m, start, cols, n, HAS_BASE: tl.constexpr, 
     composite = (_mkey(d).to(tl.int64) << 32) | cols.to(tl.int64)
     composite = tl.where(colmask, composite, 0x7FFFFFFFFFFFFFFF)  # padding sorts after every real element
     ordered = tl.sort(composite)
-    col = ordered & 0xFFFFFFFF
+    col = ordered & 0xFFFF  # cols < 2^15
     valid = cols < n  # position k < n holds a real element
     col = tl.where(valid, col, 0)
     goffs = start + col

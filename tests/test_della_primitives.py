@@ -96,8 +96,9 @@ BACKENDS = backend_params(include_reference=False)
 # ---------------------------------------------------------------------------------------------------------------
 # backends against the reference
 
-SHAPES = [((33,), "contiguous"), ((), "contiguous"), ((7, 33), "contiguous"), ((1, 40), "contiguous"),
-          ((9, 1), "contiguous"), ((2, 3, 17), "contiguous"), ((33, 7), "transposed"), ((5, 19), "strided"),
+# Few rows: the Triton interpreter pays ~0.1 s per row sort.
+SHAPES = [((33,), "contiguous"), ((), "contiguous"), ((3, 33), "contiguous"), ((1, 40), "contiguous"),
+          ((4, 1), "contiguous"), ((2, 2, 17), "contiguous"), ((5, 3), "transposed"), ((3, 19), "strided"),
           ((0,), "contiguous"), ((0, 5), "contiguous"), ((5, 0), "contiguous")]
 
 
@@ -113,16 +114,18 @@ def test_shapes_mixed_dtypes(backend, shape, layout):
 @pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_base", [True, False], ids=["base", "nobase"])
 def test_uniform_dtypes(backend, kind, with_base):
-    base, tensors = make_inputs((6, 45), [kind] * 3, kind if with_base else None, seed=2)
+    base, tensors = make_inputs((2, 45), [kind] * 3, kind if with_base else None, seed=2)
     check_both(backend, base, tensors)
 
 
+# Every combination setting, inverse alternating (it acts before the combination).
+ENGINE = [(*codes, i % 2 == 1) for i, codes in enumerate(itertools.product([0, 1], [0, 1, 2], [0, 1], [False, True]))]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("inverse", [False, True])
-@pytest.mark.parametrize("sign_source,consensus,divisor,normalize",
-                         list(itertools.product([0, 1], [0, 1, 2], [0, 1], [False, True])))
-def test_engine_settings(backend, inverse, sign_source, consensus, divisor, normalize):
-    base, tensors = make_inputs((5, 37), MIXED, torch.float32, seed=3)
+@pytest.mark.parametrize("sign_source,consensus,divisor,normalize,inverse", ENGINE)
+def test_engine_settings(backend, sign_source, consensus, divisor, normalize, inverse):
+    base, tensors = make_inputs((2, 37), MIXED, torch.float32, seed=3)
     check_merge(backend, base, tensors, *merge_args(3, inverse=inverse, sign_source=sign_source, consensus=consensus,
                                                     divisor=divisor, normalize=normalize, lambda_=0.8))
 
@@ -137,7 +140,7 @@ def test_engine_settings(backend, inverse, sign_source, consensus, divisor, norm
 ], ids=["none", "all", "mixed", "wide", "outside"])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_densities(backend, densities, epsilons, inverse):
-    base, tensors = make_inputs((6, 29), MIXED, torch.float32, seed=4)
+    base, tensors = make_inputs((3, 29), MIXED, torch.float32, seed=4)
     args = merge_args(3, densities, epsilons, inverse=inverse)
     check_norms(backend, base, tensors, densities, epsilons, 1234)
     check_merge(backend, base, tensors, *args)
@@ -148,22 +151,22 @@ def test_densities(backend, densities, epsilons, inverse):
 def test_out_dtypes(backend, out_dtype):
     if backend == "triton" and out_dtype == torch.float64:
         pytest.skip("the triton kernels write fp32/bf16/fp16 (as fused_merge)")
-    base, tensors = make_inputs((4, 31), MIXED, torch.float16, seed=5)
+    base, tensors = make_inputs((2, 31), MIXED, torch.float16, seed=5)
     check_merge(backend, base, tensors, *merge_args(3, out_dtype=out_dtype, lambda_=1.5))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_models", [1, 2, 5])
 def test_model_counts(backend, n_models):
-    base, tensors = make_inputs((3, 26), [MIXED[i % 3] for i in range(n_models)], torch.float32, seed=n_models)
+    base, tensors = make_inputs((2, 26), [MIXED[i % 3] for i in range(n_models)], torch.float32, seed=n_models)
     check_both(backend, base, tensors, out_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("levels", [0, 1, 3])
+@pytest.mark.parametrize("levels", [1, 3])
 def test_ties(backend, levels):
     """bf16 values from a few levels: long runs of equal magnitudes, ranked by index (and zero deltas)."""
-    base, tensors = make_inputs((5, 64), [torch.bfloat16] * 3, torch.bfloat16, seed=6, levels=levels)
+    base, tensors = make_inputs((3, 64), [torch.bfloat16] * 3, torch.bfloat16, seed=6, levels=levels)
     tensors[0][1] = base[1]  # a row of zero deltas (+0 and -0 tie)
     tensors[1][2, ::2] = -base[2, ::2]
     check_both(backend, base, tensors, inverse=True)
@@ -173,20 +176,20 @@ def test_ties(backend, levels):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("consensus", [0, 1, 2])
 def test_nonfinite_inputs(backend, consensus):
-    base, tensors = make_inputs((4, 50), MIXED, torch.float32, seed=7)
+    base, tensors = make_inputs((2, 50), MIXED, torch.float32, seed=7)
     tensors[0][0, 3] = float("nan")
     tensors[1][1, 10] = float("inf")
     tensors[2][1, 10] = float("-inf")  # d = +inf and -inf at one element
-    tensors[1][2, 20] = float("-inf")
-    base[3, 30] = float("nan")
-    base[3, 40] = float("inf")
-    tensors[0][3, 40] = float("inf")  # inf - inf = nan
+    tensors[1][0, 20] = float("-inf")
+    base[1, 30] = float("nan")
+    base[0, 40] = float("inf")
+    tensors[0][0, 40] = float("inf")  # inf - inf = nan
     for densities in ([0.5, 0.3, 0.7], [1.0, 1.0, 0.0]):
         check_norms(backend, base, tensors, densities, [0.2, 0.1, 0.25], 9)
         for inverse in (False, True):
             out = check_merge(backend, base, tensors, *merge_args(3, densities, [0.2, 0.1, 0.25], inverse=inverse,
                                                                   consensus=consensus))
-            for r, c in [(0, 3), (1, 10), (2, 20), (3, 30), (3, 40)]:
+            for r, c in [(0, 3), (1, 10), (0, 20), (1, 30), (0, 40)]:
                 assert not torch.isfinite(out[r, c])  # poisoned
             assert torch.isfinite(out[0, 4])
 
@@ -201,7 +204,7 @@ def test_finite_inputs_overflowing_delta_are_not_poisoned(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weights_summing_to_zero(backend):
-    base, tensors = make_inputs((3, 20), [torch.float32] * 2, torch.float32, seed=8)
+    base, tensors = make_inputs((2, 20), [torch.float32] * 2, torch.float32, seed=8)
     args = list(merge_args(2, consensus=0, divisor=0))
     args[5] = [0.5, -0.5]
     check_merge(backend, base, tensors, *args)
@@ -209,7 +212,7 @@ def test_weights_summing_to_zero(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seeds(backend):
-    base, tensors = make_inputs((3, 40), MIXED, torch.float32, seed=9)
+    base, tensors = make_inputs((1, 40), MIXED, torch.float32, seed=9)
     for seed in (0, 2**40 + 3, 2**63 - 1):
         check_merge(backend, base, tensors, *merge_args(3, seed=seed))
         check_norms(backend, base, tensors, [0.5] * 3, [0.3] * 3, seed)
@@ -218,7 +221,7 @@ def test_seeds(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     ops = _ops.primitives(backend)
-    base, tensors = make_inputs((5, 12), MIXED, torch.float32, seed=10)
+    base, tensors = make_inputs((2, 12), MIXED, torch.float32, seed=10)
     args = merge_args(3, out_dtype=torch.bfloat16)
     torch.library.opcheck(ops.della_merge, (base, tensors, *args))
     torch.library.opcheck(ops.della_merge, (None, tensors, *args))
@@ -285,7 +288,7 @@ def test_triton_several_rows_per_program(monkeypatch):
     from pykernels.kernels import della as kd
 
     monkeypatch.setattr(kd, "_MAX_PROGRAMS_CPU", 2)
-    base, tensors = make_inputs((7, 20), MIXED, torch.float32, seed=12)
+    base, tensors = make_inputs((5, 20), MIXED, torch.float32, seed=12)
     check_both("triton", base, tensors)
 
 
