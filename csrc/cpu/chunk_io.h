@@ -156,6 +156,9 @@ struct DeltaInputs {
 
 DeltaInputs make_delta_inputs(const c10::optional<at::Tensor>& base, at::TensorList tensors, const char* op);
 
+// all += sum |d[i]|, kept += sum of |d[i]| where keep[i], i < len, in float64 in a fixed order (merging.cpp).
+void l1_chunk(const float* __restrict d, const uint8_t* __restrict keep, int64_t len, double& all, double& kept);
+
 // Runs fn(first_block, end_block) over the fixed blocks of [0, numel) on the intra-op pool. Each call covers a
 // contiguous, ascending range of blocks, runs on one thread (so it can own its scratch buffers) and spans fewer
 // than 2^31 elements (so per-call uint32 counters cannot overflow: larger tensors take several rounds).

@@ -164,9 +164,11 @@ void delta_and_keep(const float* __restrict x, const float* __restrict b, const 
   }
 }
 
+}  // namespace
+
 // (sum |d|, sum of kept |d|) of one chunk in float64, in a fixed order: 16 interleaved accumulators, lane l
 // summing elements i = l (mod 16) in index order, then the lanes added in order. The AVX-512 loop and the
-// scalar loop perform exactly the same additions.
+// scalar loop perform exactly the same additions. (Declared in chunk_io.h: della.cpp sums its rows with it.)
 void l1_chunk(const float* __restrict d, const uint8_t* __restrict keep, int64_t len, double& all, double& kept) {
   constexpr int kLanes = 16;
   alignas(64) double acc_all[kLanes] = {};
@@ -208,6 +210,8 @@ void l1_chunk(const float* __restrict d, const uint8_t* __restrict keep, int64_t
     kept += acc_kept[l];
   }
 }
+
+namespace {
 
 at::Tensor delta_l1_norms(const c10::optional<at::Tensor>& base, at::TensorList tensors, int64_t sparsifier,
                           const at::Tensor& thresholds, at::ArrayRef<double> keep_probs, int64_t seed) {
