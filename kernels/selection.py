@@ -57,8 +57,11 @@ import triton.language as tl
 # ----------------------------------------------------------------------------------------------------------
 _BLOCK = 1024  # elements per program of the whole-tensor kernels
 _MERGE_BLOCK = 1024  # elements per program of a merge pass
-_BITONIC_CHUNK = 2048  # longest chunk sorted by tl.sort in one program (GPU)
-_COUNT_CHUNK = 128  # longest chunk sorted by counting in one program (interpreter)
+_BITONIC_CHUNK = 4096  # longest chunk sorted by tl.sort in one program (GPU; 8 warps: 128 registers, no spills)
+_BITONIC_TILE = 4096  # elements per chunk-sort program (several short rows per program)
+_COUNT_CHUNK = 512  # longest chunk sorted by counting in one program (interpreter)
+_COUNT_TILE = 4096  # elements per counting program
+_COUNT_CUBE = 1 << 18  # comparisons per counting program (rows x chunk x chunk)
 _MIN_CHUNK = 16
 _NUM_WARPS = 4
 _SORT_IMPL = None  # None: "count" under TRITON_INTERPRET=1, "bitonic" otherwise; tests may force either
@@ -205,43 +208,46 @@ def _finish(values, pos, valid, row, dst_ptr, out_ptr, k, MODE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["k"])
-def _chunk_sort_kernel(x_ptr, dst_ptr, out_ptr, n, nchunks, k, MAGNITUDE: tl.constexpr, DESCENDING: tl.constexpr,
-                       MODE: tl.constexpr, BITONIC: tl.constexpr, CHUNK: tl.constexpr):
-    """Sort the composites of chunk c of row r ascending (positions relative to the row), then _finish."""
+def _chunk_sort_kernel(x_ptr, dst_ptr, out_ptr, rows, n, nchunks, k, MAGNITUDE: tl.constexpr,
+                       DESCENDING: tl.constexpr, MODE: tl.constexpr, BITONIC: tl.constexpr, ROWS: tl.constexpr,
+                       CHUNK: tl.constexpr):
+    """Sort the composites of chunk c of ROWS consecutive rows ascending (positions relative to the row), then
+    _finish. Padding (past the row end or the last row) gets INT64_MAX, which sorts after every composite."""
     pid = tl.program_id(0)
-    r = pid // nchunks
+    g = pid // nchunks
     c = pid % nchunks
-    row = r.to(tl.int64) * n
-    cols = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
-    mask = cols < n
+    r = g.to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
+    cols = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)[None, :]  # [1, CHUNK]
+    mask = (r < rows) & (cols < n)
+    row = r * n
     key = _keys(x_ptr, row + cols, mask, MAGNITUDE)
     if DESCENDING:
         hi = 0x7FFFFFFF - key  # larger key first
     else:
         hi = key - (tl.full((), 1, tl.int64) << 31)
-    comp = tl.where(mask, (hi << 32) | cols, 9223372036854775807)  # padding sorts after every composite
+    comp = tl.where(mask, (hi << 32) | cols, 9223372036854775807)
     if BITONIC:
-        values = tl.sort(comp)
-        pos = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        values = tl.sort(comp)  # along the last dimension: each row's chunk on its own
+        pos = cols + tl.zeros((ROWS, CHUNK), tl.int64)
         valid = values != 9223372036854775807
     else:
-        smaller = comp[None, :] < comp[:, None]  # [i, j]: composite j < composite i
-        pos = c.to(tl.int64) * CHUNK + tl.sum(smaller.to(tl.int32), 1).to(tl.int64)
+        smaller = comp[:, None, :] < comp[:, :, None]  # [row, i, j]: composite j < composite i
+        pos = c.to(tl.int64) * CHUNK + tl.sum(smaller.to(tl.int32), 2).to(tl.int64)
         values = comp
         valid = mask
     _finish(values, pos, valid, row, dst_ptr, out_ptr, k, MODE)
 
 
 @triton.jit(do_not_specialize=["k"])
-def _merge_kernel(src_ptr, dst_ptr, out_ptr, n, nblocks, run, steps, k, MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """Merge sorted runs [2j*run, (2j+1)*run) and [(2j+1)*run, (2j+2)*run) of every row, then _finish."""
+def _merge_kernel(src_ptr, dst_ptr, out_ptr, total, n, run, steps, k, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """Merge the sorted runs [2j*run, (2j+1)*run) and [(2j+1)*run, (2j+2)*run) of every row, then _finish.
+    Programs take BLOCK consecutive elements of the flat (rows * n) buffer, across row ends."""
     pid = tl.program_id(0)
-    r = pid // nblocks
-    b = pid % nblocks
-    row = r.to(tl.int64) * n
-    i = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n
-    values = tl.load(src_ptr + row + i, mask=mask, other=0)
+    flat = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = flat < total
+    values = tl.load(src_ptr + flat, mask=mask, other=0)
+    row = (flat // n) * n
+    i = flat - row
     run_id = i // run
     own_start = run_id * run
     partner_start = (run_id ^ 1) * run
@@ -361,7 +367,7 @@ def _check_rows(x, what):
     return x
 
 
-def _sort_impl(device):
+def _sort_impl():
     if _SORT_IMPL is not None:
         return _SORT_IMPL
     return "count" if os.environ.get("TRITON_INTERPRET") == "1" else "bitonic"
@@ -370,9 +376,11 @@ def _sort_impl(device):
 def _row_sort(x, magnitude, descending, mode, out, k=0):
     """Sort the composites of every row; the last stage runs `mode` (store: returns the sorted composites)."""
     rows, n = x.shape
-    bitonic = _sort_impl(x.device) == "bitonic"
-    limit = _BITONIC_CHUNK if bitonic else _COUNT_CHUNK
-    chunk = max(_MIN_CHUNK, min(triton.next_power_of_2(n), limit))
+    bitonic = _sort_impl() == "bitonic"
+    chunk = max(_MIN_CHUNK, min(triton.next_power_of_2(n), _BITONIC_CHUNK if bitonic else _COUNT_CHUNK))
+    # rows per program: a tile of _BITONIC_TILE elements, or a counting cube of _COUNT_CUBE comparisons
+    per = _BITONIC_TILE // chunk if bitonic else min(_COUNT_TILE // chunk, _COUNT_CUBE // (chunk * chunk))
+    per = max(1, min(per, triton.next_power_of_2(rows)))
     nchunks = triton.cdiv(n, chunk)
     device = x.device
     single = nchunks == 1
@@ -381,20 +389,22 @@ def _row_sort(x, magnitude, descending, mode, out, k=0):
         bufs.append(torch.empty((rows, n), dtype=torch.int64, device=device))
     if out is None:
         out = bufs[0]
-    _chunk_sort_kernel[(rows * nchunks,)](x, bufs[0] if bufs else out, out, n, nchunks, k, MAGNITUDE=magnitude,
-                                          DESCENDING=descending, MODE=mode if single else _MODE_STORE,
-                                          BITONIC=bitonic, CHUNK=chunk, num_warps=_NUM_WARPS)
+    warps = 8 if per * chunk >= 2048 else _NUM_WARPS
+    _chunk_sort_kernel[(triton.cdiv(rows, per) * nchunks,)](
+        x, bufs[0] if bufs else out, out, rows, n, nchunks, k, MAGNITUDE=magnitude, DESCENDING=descending,
+        MODE=mode if single else _MODE_STORE, BITONIC=bitonic, ROWS=per, CHUNK=chunk, num_warps=warps)
     run = chunk
-    block = max(_MIN_CHUNK, min(triton.next_power_of_2(n), _MERGE_BLOCK))
-    nblocks = triton.cdiv(n, block)
+    total = rows * n
+    block = max(_MIN_CHUNK, min(triton.next_power_of_2(total), _MERGE_BLOCK))
     while run < n:
         if len(bufs) == 1:
             bufs.append(torch.empty_like(bufs[0]))
         src, dst = bufs
         last = 2 * run >= n
         steps = run.bit_length()  # strides run, run/2, ..., 1
-        _merge_kernel[(rows * nblocks,)](src, dst, out, n, nblocks, run, steps, k,
-                                         MODE=mode if last else _MODE_STORE, BLOCK=block, num_warps=_NUM_WARPS)
+        _merge_kernel[(triton.cdiv(total, block),)](src, dst, out, total, n, run, steps, k,
+                                                    MODE=mode if last else _MODE_STORE, BLOCK=block,
+                                                    num_warps=_NUM_WARPS)
         bufs = [dst, src]
         run *= 2
     return bufs[0] if mode == _MODE_STORE else out
