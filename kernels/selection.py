@@ -31,13 +31,16 @@ Each element gets a unique int64 composite ``(hi << 32) | index``, ``hi = key - 
 row_rank) or ``hi = 0x7FFFFFFF - key`` (descending key order, for row_select / row_topk_mask); sorting the
 composites ascending gives exactly the stable order (equal keys by ascending index) and the index is the low 32
 bits. Composites are signed int64, so no uint64 is needed anywhere.
-  1. Chunk sort: one program per (row, chunk of CH = min(next_power_of_2(n), chunk limit) elements) sorts its
-     composites. On a GPU with ``tl.sort`` (bitonic; CH <= ``_BITONIC_CHUNK``). Under the interpreter, whose
-     ``tl.sort`` costs ~1.5 s per 1024 elements, by counting: position = number of composites in the chunk
-     smaller than the element (CH <= ``_COUNT_CHUNK``); composites are unique, so this is exact.
-  2. Merge passes (rows longer than CH): runs of length L, 2L, 4L, ... are merged pairwise; an element's
+  1. Chunk sort: chunks of CH = min(next_power_of_2(n), chunk limit) elements; one program sorts one chunk of
+     several consecutive rows when rows are short (a tile of ~4096 elements). On a GPU with ``tl.sort``
+     (bitonic along the last dimension; CH <= ``_BITONIC_CHUNK``; compiled for sm_90 with at most 152
+     registers, spills <= 8 bytes). Under the interpreter, whose ``tl.sort`` costs ~1.5 s per 1024 elements, by
+     counting: position = number of composites of the chunk smaller than the element (CH <= ``_COUNT_CHUNK``;
+     composites are unique, so this is exact). Tests run both under the interpreter (``_SORT_IMPL``).
+  2. Merge passes (rows longer than CH): runs of length CH, 2CH, 4CH, ... are merged pairwise; an element's
      position in the merged run is its position in its own run plus the number of elements of the partner run
-     smaller than it (a branch-free binary search, exact because composites are unique).
+     smaller than it (a branch-free binary search, exact because composites are unique). A program takes
+     ``_MERGE_BLOCK`` consecutive elements of the flat (rows * n) buffer.
   3. The last stage writes the result directly: row_rank scatters ``position + 1`` to ``index``,
      row_topk_mask scatters ``position < k``; row_select keeps the sorted composites and gathers the requested
      positions (torch).
@@ -57,7 +60,7 @@ import triton.language as tl
 # ----------------------------------------------------------------------------------------------------------
 _BLOCK = 1024  # elements per program of the whole-tensor kernels
 _MERGE_BLOCK = 1024  # elements per program of a merge pass
-_BITONIC_CHUNK = 4096  # longest chunk sorted by tl.sort in one program (GPU; 8 warps: 128 registers, no spills)
+_BITONIC_CHUNK = 4096  # longest chunk sorted by tl.sort in one program (GPU; 8 warps: 128 registers)
 _BITONIC_TILE = 4096  # elements per chunk-sort program (several short rows per program)
 _COUNT_CHUNK = 512  # longest chunk sorted by counting in one program (interpreter)
 _COUNT_TILE = 4096  # elements per counting program
@@ -345,10 +348,10 @@ def key_find(x, magnitude, key, rank) -> torch.Tensor:
     """int64 0-d: flat index of the rank-th (1-based) element whose key == key; -1 if there are fewer."""
     x = _check_x(x, "key_find")
     key, rank, magnitude = int(key), int(rank), bool(magnitude)
-    if not 0 <= key <= _KEY_LIMIT:
-        raise ValueError(f"key_find: key must be in [0, 2^32], got {key}")
+    if not 0 <= key < _KEY_LIMIT:
+        raise ValueError(f"key_find: key must be in [0, 2^32 - 1], got {key}")
     numel = x.numel()
-    if numel == 0 or key == _KEY_LIMIT or not 1 <= rank <= numel:
+    if numel == 0 or not 1 <= rank <= numel:
         return torch.tensor(-1, dtype=torch.int64, device=x.device)
     cum = torch.cumsum(_tie_counts(x, magnitude, key), 0)
     block = torch.searchsorted(cum, torch.tensor([rank], dtype=torch.int64, device=x.device))  # first cum >= rank
