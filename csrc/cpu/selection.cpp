@@ -114,13 +114,41 @@ int64_t block_count(int64_t numel) { return (numel + kBlock - 1) / kBlock; }
 // ------------------------------------------------------------------------------------------------------------
 // key_histogram, high digits: ++hist[c][key >> 16] with c = i % kCopies. Runs of equal buckets (typical of real
 // data) would serialise increments of one counter on store-to-load forwarding: separate copies break the chain.
+// Measured per element on this Zen 5 (one thread): random / sorted / constant data 0.37 / 0.42 / 0.41 ns with
+// one copy, 0.40 / 0.34 / 0.33 ns with two, 0.46 / 0.34 / 0.32 ns with four (more L1 lines in use).
 
-template <bool kMag, int kCopies, typename Count>
-void count_high(const float* __restrict x, int64_t len, uint32_t* __restrict bins, Count* __restrict hist) {
-  compute_keys<kMag, 16>(x, len, bins);
+// bins[i] = order_key(x[i]) >> 16 as uint16, i < n.
+template <bool kMag>
+void compute_high(const float* __restrict x, int64_t n, uint16_t* __restrict bins) {
   int64_t i = 0;
-  for (; i + kCopies <= len; i += kCopies) {
-    for (int c = 0; c < kCopies; ++c) ++hist[c * kKeyBuckets + bins[i + c]];
+#if defined(PK_AVX512)
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins + i),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(order_keys16<kMag>(x + i), 16)));
+  }
+#endif
+  for (; i < n; ++i) bins[i] = static_cast<uint16_t>(order_key<kMag>(x[i]) >> 16);
+}
+
+// The two copies lie kCopyStride counters apart: not a multiple of 4 KiB, so that increments of one bin in
+// different copies do not falsely wait on each other (4K aliasing).
+constexpr int64_t kCopyStride = kKeyBuckets + 80;
+
+// The bins are computed first in a loop that vectorises, as uint16 read four at a time (fewer loads next to
+// the increments, which bound this loop at about one element per cycle).
+template <bool kMag, int kCopies, typename Count>
+void count_high(const float* __restrict x, int64_t len, uint16_t* __restrict bins, Count* __restrict hist) {
+  static_assert(kCopies == 1 || kCopies == 2, "one or two counter copies");
+  compute_high<kMag>(x, len, bins);
+  constexpr int64_t c1 = kCopies == 2 ? kCopyStride : 0;
+  int64_t i = 0;
+  for (; i + 4 <= len; i += 4) {
+    uint64_t four;
+    std::memcpy(&four, bins + i, sizeof(four));
+    ++hist[four & 0xFFFF];
+    ++hist[c1 + ((four >> 16) & 0xFFFF)];
+    ++hist[(four >> 32) & 0xFFFF];
+    ++hist[c1 + (four >> 48)];
   }
   for (; i < len; ++i) ++hist[bins[i]];
 }
@@ -129,30 +157,30 @@ template <bool kMag>
 void high_histogram(const Source& src, int64_t numel, int64_t* total) {
   if (numel <= kBlock) {  // one block, one thread: count straight into the int64 result
     ChunkBuffers buf(2);
-    uint32_t* bins = reinterpret_cast<uint32_t*>(buf[1]);
+    uint16_t* bins = reinterpret_cast<uint16_t*>(buf[1]);
     for_block_chunks(src, numel, 0, block_count(numel), buf[0], [&](int64_t, int64_t len, const float* x) {
       count_high<kMag, 1>(x, len, bins, total);
     });
     return;
   }
-  // Copies cost zeroing and merging 4 x 256 KiB per thread: worth it for larger tensors only.
-  const int copies = numel >= (int64_t(1) << 18) ? 4 : 1;
-  const int64_t counters = copies * kKeyBuckets;
+  // A copy costs zeroing and merging 256 KiB per thread: worth it for larger tensors only.
+  const int copies = numel >= (int64_t(1) << 18) ? 2 : 1;
+  const int64_t counters = (copies - 1) * kCopyStride + kKeyBuckets;
   std::mutex lock;
   parallel_blocks(numel, [&](int64_t first, int64_t end) {
     ChunkBuffers buf(2);
-    uint32_t* bins = reinterpret_cast<uint32_t*>(buf[1]);
+    uint16_t* bins = reinterpret_cast<uint16_t*>(buf[1]);
     const ThreadScratch scratch(kCountSlot, counters * sizeof(uint32_t));
     uint32_t* local = scratch.zeroed<uint32_t>(counters);  // < 2^31 elements per call: no overflow
     for_block_chunks(src, numel, first, end, buf[0], [&](int64_t, int64_t len, const float* x) {
-      if (copies == 4) {
-        count_high<kMag, 4>(x, len, bins, local);
+      if (copies == 2) {
+        count_high<kMag, 2>(x, len, bins, local);
       } else {
         count_high<kMag, 1>(x, len, bins, local);
       }
     });
     for (int c = 1; c < copies; ++c) {
-      const uint32_t* h = local + c * kKeyBuckets;
+      const uint32_t* h = local + c * kCopyStride;
       for (int64_t b = 0; b < kKeyBuckets; ++b) local[b] += h[b];  // < 2^31 in all: no overflow
     }
     std::lock_guard<std::mutex> guard(lock);
@@ -161,63 +189,113 @@ void high_histogram(const Source& src, int64_t numel, int64_t* total) {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// key_histogram, low digits of the elements in a list of buckets. slot_of[high] is the bucket's row in this
-// group (or -1); hits are compacted as counter offsets (slot << 16 | low), then counted.
+// key_histogram, low digits of the elements in a list of buckets, taken in groups of at most kGroup buckets per
+// pass over the data. Hits are compacted as counter offsets (row in group << 16 | low), then counted. A group
+// of a few buckets is matched by comparisons; a larger one by a lookup table high -> row (or -1).
 
-// Counter offsets of the chunk's elements whose bucket is in the group; `offsets` holds len + 16 entries.
-template <bool kMag>
-int64_t bucket_offsets(const float* __restrict x, int64_t len, const int32_t* __restrict slot_of, int single,
-                       uint32_t* __restrict offsets) {
-  int64_t n = 0, i = 0;
+constexpr int64_t kGroup = 32;         // per thread at most 32 x 256 KiB of counters
+constexpr int kCompareBuckets = 8;     // up to this many buckets: comparisons instead of table lookups
+
+struct BucketGroup {
+  int64_t count = 0;
+  const int32_t* row_of = nullptr;  // 2^16 entries: the bucket's row in the group, or -1
+  uint32_t bucket[kCompareBuckets] = {};
+};
+
 #if defined(PK_AVX512)
-  const __m512i low_mask = _mm512_set1_epi32(0xFFFF);
-  if (single >= 0) {  // one bucket: a comparison instead of a table lookup
-    const __m512i bucket = _mm512_set1_epi32(single);
-    for (; i + 16 <= len; i += 16) {
-      const __m512i key = order_keys16<kMag>(x + i);
-      const __mmask16 hit = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(key, 16), bucket);
-      _mm512_storeu_si512(offsets + n, _mm512_maskz_compress_epi32(hit, _mm512_and_si512(key, low_mask)));
-      n += _mm_popcnt_u32(_cvtmask16_u32(hit));
+// The group's kCount buckets matched by comparisons; returns the hits of x[0, len / 16 * 16).
+template <bool kMag, int kCount>
+int64_t compare_offsets(const float* __restrict x, int64_t len, const BucketGroup& g, uint32_t* __restrict offsets) {
+  __m512i bucket[kCount];
+  for (int b = 0; b < kCount; ++b) bucket[b] = _mm512_set1_epi32(static_cast<int>(g.bucket[b]));
+  int64_t n = 0;
+  for (int64_t i = 0; i + 16 <= len; i += 16) {
+    const __m512i key = order_keys16<kMag>(x + i);
+    const __m512i high = _mm512_srli_epi32(key, 16);
+    __m512i offset = _mm512_and_si512(key, _mm512_set1_epi32(0xFFFF));
+    __mmask16 hit = 0;
+    for (int b = 0; b < kCount; ++b) {
+      const __mmask16 in = _mm512_cmpeq_epi32_mask(high, bucket[b]);
+      if (b > 0) offset = _mm512_mask_or_epi32(offset, in, offset, _mm512_set1_epi32(b << 16));
+      hit = static_cast<__mmask16>(hit | in);
     }
-  } else {
-    for (; i + 16 <= len; i += 16) {
-      const __m512i key = order_keys16<kMag>(x + i);
-      const __m512i slot = _mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), slot_of, 4);
-      const __mmask16 hit = _mm512_cmpge_epi32_mask(slot, _mm512_setzero_si512());
-      const __m512i offset = _mm512_or_si512(_mm512_slli_epi32(slot, 16), _mm512_and_si512(key, low_mask));
-      _mm512_storeu_si512(offsets + n, _mm512_maskz_compress_epi32(hit, offset));
-      n += _mm_popcnt_u32(_cvtmask16_u32(hit));
-    }
+    _mm512_storeu_si512(offsets + n, _mm512_maskz_compress_epi32(hit, offset));
+    n += _mm_popcnt_u32(_cvtmask16_u32(hit));
   }
-#endif
-  for (; i < len; ++i) {
-    const uint32_t key = order_key<kMag>(x[i]);
-    const int32_t slot = slot_of[key >> 16];
-    offsets[n] = (static_cast<uint32_t>(slot) << 16) | (key & 0xFFFFu);
-    n += slot >= 0;
-  }
-  (void)single;
   return n;
 }
 
-// Rows [0, group) of `total` (group x 2^16, int64) for the buckets whose slot_of entry is their row.
 template <bool kMag>
-void low_histograms(const Source& src, int64_t numel, const int32_t* slot_of, int single, int64_t group,
-                    int64_t* total) {
-  const int64_t counters = group * kKeyBuckets;
+int64_t lookup_offsets(const float* __restrict x, int64_t len, const BucketGroup& g, uint32_t* __restrict offsets) {
+  int64_t n = 0;
+  for (int64_t i = 0; i + 16 <= len; i += 16) {
+    const __m512i key = order_keys16<kMag>(x + i);
+    const __m512i row = _mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), g.row_of, 4);
+    const __mmask16 hit = _mm512_cmpge_epi32_mask(row, _mm512_setzero_si512());
+    const __m512i offset = _mm512_or_si512(_mm512_slli_epi32(row, 16), _mm512_and_si512(key, _mm512_set1_epi32(0xFFFF)));
+    _mm512_storeu_si512(offsets + n, _mm512_maskz_compress_epi32(hit, offset));
+    n += _mm_popcnt_u32(_cvtmask16_u32(hit));
+  }
+  return n;
+}
+#endif
+
+// Counter offsets of the chunk's elements whose bucket is in the group; `offsets` holds len + 16 entries.
+template <bool kMag>
+int64_t bucket_offsets(const float* __restrict x, int64_t len, const BucketGroup& g, uint32_t* __restrict offsets) {
+  int64_t n = 0, i = 0;
+#if defined(PK_AVX512)
+  switch (g.count) {
+    case 1: n = compare_offsets<kMag, 1>(x, len, g, offsets); break;
+    case 2: n = compare_offsets<kMag, 2>(x, len, g, offsets); break;
+    case 3: n = compare_offsets<kMag, 3>(x, len, g, offsets); break;
+    case 4: n = compare_offsets<kMag, 4>(x, len, g, offsets); break;
+    case 5: n = compare_offsets<kMag, 5>(x, len, g, offsets); break;
+    case 6: n = compare_offsets<kMag, 6>(x, len, g, offsets); break;
+    case 7: n = compare_offsets<kMag, 7>(x, len, g, offsets); break;
+    case 8: n = compare_offsets<kMag, 8>(x, len, g, offsets); break;
+    default: n = lookup_offsets<kMag>(x, len, g, offsets); break;
+  }
+  static_assert(kCompareBuckets == 8, "one case per count");
+  i = len / 16 * 16;
+#endif
+  for (; i < len; ++i) {
+    const uint32_t key = order_key<kMag>(x[i]);
+    const int32_t row = g.row_of[key >> 16];
+    offsets[n] = (static_cast<uint32_t>(row) << 16) | (key & 0xFFFFu);
+    n += row >= 0;
+  }
+  return n;
+}
+
+// Counts of blocks [first, end) into counters (group x 2^16, zeroed by the caller); returns the hits.
+template <bool kMag, typename Count>
+int64_t count_low(const Source& src, int64_t numel, int64_t first, int64_t end, const BucketGroup& g,
+                  Count* counters) {
+  ChunkBuffers buf(2);
+  uint32_t* offsets = reinterpret_cast<uint32_t*>(buf[1]);  // kChunk + 80 entries
+  int64_t hits = 0;
+  for_block_chunks(src, numel, first, end, buf[0], [&](int64_t, int64_t len, const float* x) {
+    const int64_t n = bucket_offsets<kMag>(x, len, g, offsets);
+    for (int64_t h = 0; h < n; ++h) ++counters[offsets[h]];
+    hits += n;
+  });
+  return hits;
+}
+
+// Rows [0, g.count) of `total` (int64, zeroed).
+template <bool kMag>
+void low_histograms(const Source& src, int64_t numel, const BucketGroup& g, int64_t* total) {
+  if (numel <= kBlock) {  // one block, one thread: count straight into the int64 result
+    count_low<kMag>(src, numel, 0, block_count(numel), g, total);
+    return;
+  }
+  const int64_t counters = g.count * kKeyBuckets;
   std::mutex lock;
   parallel_blocks(numel, [&](int64_t first, int64_t end) {
-    ChunkBuffers buf(2);
-    uint32_t* offsets = reinterpret_cast<uint32_t*>(buf[1]);  // kChunk + 80 entries
     const ThreadScratch scratch(kCountSlot, counters * sizeof(uint32_t));
-    uint32_t* local = scratch.zeroed<uint32_t>(counters);
-    int64_t hits = 0;
-    for_block_chunks(src, numel, first, end, buf[0], [&](int64_t, int64_t len, const float* x) {
-      const int64_t n = bucket_offsets<kMag>(x, len, slot_of, single, offsets);
-      for (int64_t h = 0; h < n; ++h) ++local[offsets[h]];
-      hits += n;
-    });
-    if (hits == 0) return;
+    uint32_t* local = scratch.zeroed<uint32_t>(counters);  // < 2^31 elements per call: no overflow
+    if (count_low<kMag>(src, numel, first, end, g, local) == 0) return;
     std::lock_guard<std::mutex> guard(lock);
     for (int64_t c = 0; c < counters; ++c) total[c] += local[c];
   });
@@ -227,15 +305,14 @@ at::Tensor key_histogram(const at::Tensor& x_in, bool magnitude, at::IntArrayRef
   constexpr const char* op = "key_histogram";
   const at::Tensor x = checked_input(x_in, op);
   const int64_t nb = static_cast<int64_t>(buckets.size());
-  std::vector<int32_t> slot_of;
   if (nb > 0) {
-    slot_of.assign(kKeyBuckets, -1);
+    std::vector<bool> seen(kKeyBuckets, false);
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t bucket = buckets[b];
       TORCH_CHECK(bucket >= 0 && bucket < kKeyBuckets, op, ": buckets[", b, "] = ", bucket,
                   " is outside [0, 65535]");
-      TORCH_CHECK(slot_of[bucket] < 0, op, ": buckets must be distinct (bucket ", bucket, " appears twice)");
-      slot_of[bucket] = static_cast<int32_t>(b);
+      TORCH_CHECK(!seen[bucket], op, ": buckets must be distinct (bucket ", bucket, " appears twice)");
+      seen[bucket] = true;
     }
   }
   at::Tensor out = nb == 0 ? at::zeros({kKeyBuckets}, at::kLong) : at::zeros({nb, kKeyBuckets}, at::kLong);
@@ -249,15 +326,17 @@ at::Tensor key_histogram(const at::Tensor& x_in, bool magnitude, at::IntArrayRef
       high_histogram<kMag>(src, numel, total);
       return;
     }
-    // Buckets in groups of at most 32 per pass over the data (per thread 32 x 256 KiB of counters).
-    constexpr int64_t kGroup = 32;
-    std::vector<int32_t> group_slot(kKeyBuckets, -1);
+    std::vector<int32_t> row_of(kKeyBuckets, -1);
     for (int64_t g0 = 0; g0 < nb; g0 += kGroup) {
-      const int64_t group = std::min(kGroup, nb - g0);
-      for (int64_t b = 0; b < group; ++b) group_slot[buckets[g0 + b]] = static_cast<int32_t>(b);
-      const int single = group == 1 ? static_cast<int>(buckets[g0]) : -1;
-      low_histograms<kMag>(src, numel, group_slot.data(), single, group, total + g0 * kKeyBuckets);
-      for (int64_t b = 0; b < group; ++b) group_slot[buckets[g0 + b]] = -1;
+      BucketGroup g;
+      g.count = std::min(kGroup, nb - g0);
+      g.row_of = row_of.data();
+      for (int64_t b = 0; b < g.count; ++b) {
+        row_of[buckets[g0 + b]] = static_cast<int32_t>(b);
+        if (b < kCompareBuckets) g.bucket[b] = static_cast<uint32_t>(buckets[g0 + b]);
+      }
+      low_histograms<kMag>(src, numel, g, total + g0 * kKeyBuckets);
+      for (int64_t b = 0; b < g.count; ++b) row_of[buckets[g0 + b]] = -1;
     }
   });
   return out;
