@@ -451,7 +451,7 @@ def test_argument_errors(index):
         call()
 
 
-BIG = 3 * 65536 + 4099  # several of the C++ blocks (65536 elements) and a partial chunk; > 2^18 (counter copies)
+BIG = 4 * 65536 + 4099  # several of the C++ blocks (65536 elements), a partial chunk, > 2^18 (counter copies)
 
 
 @cpp_only

@@ -370,15 +370,31 @@ int64_t mask_chunk(const float* __restrict x, int64_t len, uint32_t key, bool wi
   return ties;
 }
 
+// Calls visit(i) for every i < len with order_key(x[i]) == key, in ascending order, while visit returns true.
+template <bool kMag, typename Visit>
+void for_each_equal(const float* __restrict x, int64_t len, uint32_t key, const Visit& visit) {
+  int64_t i = 0;
+#if defined(PK_AVX512)
+  const __m512i k = _mm512_set1_epi32(static_cast<int>(key));
+  for (; i + 16 <= len; i += 16) {
+    for (uint32_t eq = _cvtmask16_u32(_mm512_cmpeq_epi32_mask(order_keys16<kMag>(x + i), k)); eq != 0; eq &= eq - 1) {
+      if (!visit(i + __builtin_ctz(eq))) return;
+    }
+  }
+#endif
+  for (; i < len; ++i) {
+    if (order_key<kMag>(x[i]) == key && !visit(i)) return;
+  }
+}
+
 // Clears the ties of a chunk once `seen` (ties before it in index order) reaches `ties`.
 template <bool kMag>
 void clear_late_ties(const float* x, int64_t len, uint32_t key, int64_t ties, int64_t& seen, uint8_t* out) {
-  for (int64_t i = 0; i < len; ++i) {
-    if (order_key<kMag>(x[i]) == key) {
-      if (seen >= ties) out[i] = 0;
-      ++seen;
-    }
-  }
+  for_each_equal<kMag>(x, len, key, [&](int64_t i) {
+    if (seen >= ties) out[i] = 0;
+    ++seen;
+    return true;
+  });
 }
 
 at::Tensor key_mask(const at::Tensor& x_in, bool magnitude, int64_t key, int64_t ties) {
@@ -468,9 +484,12 @@ at::Tensor key_find(const at::Tensor& x_in, bool magnitude, int64_t key, int64_t
       if (block == blocks) return;  // fewer than `rank` hits
       ChunkBuffers buf(1);
       for_block_chunks(src, numel, block, block + 1, buf[0], [&](int64_t start, int64_t len, const float* v) {
-        for (int64_t i = 0; i < len && found < 0; ++i) {
-          if (order_key<kMag>(v[i]) == k && --left == 0) found = start + i;
-        }
+        if (found >= 0) return;
+        for_each_equal<kMag>(v, len, k, [&](int64_t i) {
+          if (--left > 0) return true;
+          found = start + i;
+          return false;
+        });
       });
     });
   }
