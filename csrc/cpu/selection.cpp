@@ -401,12 +401,30 @@ void for_each_equal(const float* __restrict x, int64_t len, uint32_t key, const 
 
 // Clears the ties of a chunk once `seen` (ties before it in index order) reaches `ties`.
 template <bool kMag>
-void clear_late_ties(const float* x, int64_t len, uint32_t key, int64_t ties, int64_t& seen, uint8_t* out) {
-  for_each_equal<kMag>(x, len, key, [&](int64_t i) {
-    if (seen >= ties) out[i] = 0;
-    ++seen;
-    return true;
-  });
+void clear_late_ties(const float* __restrict x, int64_t len, uint32_t key, int64_t ties, int64_t& seen,
+                     uint8_t* __restrict out) {
+  int64_t i = 0;
+#if defined(PK_AVX512)
+  const __m512i k = _mm512_set1_epi32(static_cast<int>(key));
+  const __m128i one = _mm_set1_epi8(1);
+  for (; i + 16 <= len; i += 16) {
+    const __m512i keys = order_keys16<kMag>(x + i);
+    uint32_t eq = _cvtmask16_u32(_mm512_cmpeq_epi32_mask(keys, k));
+    if (eq == 0) continue;
+    if (seen >= ties) {  // every tie here is past the first `ties`: the mask is key > K
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                       _mm_maskz_mov_epi8(_mm512_cmpgt_epu32_mask(keys, k), one));
+      seen += _mm_popcnt_u32(eq);
+      continue;
+    }
+    for (; eq != 0; eq &= eq - 1) {
+      if (seen++ >= ties) out[i + __builtin_ctz(eq)] = 0;
+    }
+  }
+#endif
+  for (; i < len; ++i) {
+    if (order_key<kMag>(x[i]) == key && seen++ >= ties) out[i] = 0;
+  }
 }
 
 at::Tensor key_mask(const at::Tensor& x_in, bool magnitude, int64_t key, int64_t ties) {
