@@ -62,33 +62,74 @@ namespace {
 
 // How model m's keep mask is decided, with the degenerate cases resolved once per call.
 struct KeepRule {
-  enum Kind { kAll, kNone, kThreshold, kRandom } kind = kAll;
-  uint32_t key = 0;  // kThreshold: keep mkey > key, or mkey == key at index <= cutoff
+  enum Kind { kAll, kNone, kThreshold, kRandom, kBand } kind = kAll;
+  uint32_t key = 0;  // kThreshold: keep mkey > key, or mkey == key at index <= cutoff ("above (key, cutoff)")
   int64_t cutoff = -1;
+  uint32_t key_b = 0;  // kBand: keep above (key, cutoff) and not above (key_b, cutoff_b)
+  int64_t cutoff_b = -1;
   uint64_t seed = 0;  // kRandom: keep philox_uniform(seed, j) < p
   float p = 1.f;
 };
 
+// One (key, cutoff) of keep_by_threshold as the set it selects: mkey lies in [0, 2^31), so a negative key
+// selects everything and a key >= 2^31 nothing.
+enum class Above { kAll, kNone, kSome };
+Above classify(int64_t key) { return key < 0 ? Above::kAll : key > 0x7FFFFFFF ? Above::kNone : Above::kSome; }
+
+KeepRule band_rule(int64_t key_a, int64_t cutoff_a, int64_t key_b, int64_t cutoff_b) {
+  KeepRule r;
+  const Above a = classify(key_a), b = classify(key_b);
+  if (a == Above::kNone || b == Above::kAll) {
+    r.kind = KeepRule::kNone;
+  } else if (b == Above::kNone) {  // a plain top-k (or everything): the magnitude rule, one threshold
+    r = a == Above::kAll ? KeepRule{} : KeepRule{KeepRule::kThreshold, static_cast<uint32_t>(key_a), cutoff_a};
+  } else {
+    r.kind = KeepRule::kBand;
+    // above(a) for every element when a selects everything: key 0 with every index counted as a tie
+    r.key = a == Above::kAll ? 0u : static_cast<uint32_t>(key_a);
+    r.cutoff = a == Above::kAll ? INT64_MAX : cutoff_a;
+    r.key_b = static_cast<uint32_t>(key_b);
+    r.cutoff_b = cutoff_b;
+  }
+  return r;
+}
+
 std::vector<KeepRule> keep_rules(int n, int64_t sparsifier, const at::Tensor& thresholds,
                                  at::ArrayRef<double> keep_probs, int64_t seed, const char* op) {
-  TORCH_CHECK(sparsifier >= 0 && sparsifier <= 2, op, ": sparsifier must be 0, 1 or 2 (got ", sparsifier, ")");
+  TORCH_CHECK(sparsifier >= kNoSparsify && sparsifier <= kBand, op,
+              ": sparsifier must be 0 (none), 1 (magnitude), 2 (random) or 3 (band) (got ", sparsifier, ")");
   std::vector<KeepRule> rules(n);
+  const int columns = threshold_columns(static_cast<int>(sparsifier));
+  if (columns > 0) {
+    TORCH_CHECK(thresholds.defined() && thresholds.dim() == 2 && thresholds.size(0) == n &&
+                    thresholds.size(1) == columns,
+                op, ": thresholds must have shape (", n, ", ", columns, ") for sparsifier ", sparsifier, " (",
+                sparsifier == kBand ? "band" : "magnitude", ") (got ",
+                thresholds.defined() ? thresholds.sizes() : at::IntArrayRef{}, ")");
+    TORCH_CHECK(!at::isFloatingType(thresholds.scalar_type()) && !at::isComplexType(thresholds.scalar_type()), op,
+                ": thresholds must be an integer tensor (got ", thresholds.scalar_type(), ")");
+  }
   if (sparsifier == kMagnitude) {
-    TORCH_CHECK(thresholds.dim() == 2 && thresholds.size(0) == n && thresholds.size(1) == 2, op,
-                ": thresholds must have shape (", n, ", 2) (got ", thresholds.sizes(), ")");
     const at::Tensor t = thresholds.to(at::kCPU, at::kLong).contiguous();
     const int64_t* rows = t.data_ptr<int64_t>();
     for (int m = 0; m < n; ++m) {
       const int64_t key = rows[2 * m], cutoff = rows[2 * m + 1];
-      // mkey lies in [0, 2^31): a negative key keeps everything, a key >= 2^31 nothing (as keep_by_threshold).
-      if (key < 0) {
-        rules[m].kind = KeepRule::kAll;
-      } else if (key > 0x7FFFFFFF) {
-        rules[m].kind = KeepRule::kNone;
-      } else {
-        rules[m] = KeepRule{KeepRule::kThreshold, static_cast<uint32_t>(key), cutoff};
+      switch (classify(key)) {
+        case Above::kAll:
+          rules[m].kind = KeepRule::kAll;
+          break;
+        case Above::kNone:
+          rules[m].kind = KeepRule::kNone;
+          break;
+        case Above::kSome:
+          rules[m] = KeepRule{KeepRule::kThreshold, static_cast<uint32_t>(key), cutoff};
+          break;
       }
     }
+  } else if (sparsifier == kBand) {
+    const at::Tensor t = thresholds.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* rows = t.data_ptr<int64_t>();
+    for (int m = 0; m < n; ++m) rules[m] = band_rule(rows[4 * m], rows[4 * m + 1], rows[4 * m + 2], rows[4 * m + 3]);
   } else if (sparsifier == kRandom) {
     TORCH_CHECK(static_cast<int>(keep_probs.size()) == n, op, ": keep_probs must have ", n, " entries (got ",
                 keep_probs.size(), ")");
@@ -114,7 +155,14 @@ void with_keep_kind(KeepRule::Kind kind, Fn&& fn) {
       return fn(std::integral_constant<int, KeepRule::kThreshold>{});
     case KeepRule::kRandom:
       return fn(std::integral_constant<int, KeepRule::kRandom>{});
+    case KeepRule::kBand:
+      return fn(std::integral_constant<int, KeepRule::kBand>{});
   }
+}
+
+// j <= cutoff as a chunk-local int32 comparison i <= last: cutoff - start clamped to [-1, len].
+inline int32_t chunk_last(int64_t cutoff, int64_t start, int64_t len) {
+  return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(cutoff - start, -1), len));
 }
 
 // Model m's keep decision for the elements of one chunk; `uniforms` holds the chunk's Philox draws (kRandom).
@@ -122,8 +170,9 @@ template <int kKind>
 struct KeepTest {
   KeepTest(const KeepRule& rule, int64_t start, int64_t len, const float* uniforms)
       : key(rule.key),
-        // j <= cutoff as a chunk-local int32 comparison: cutoff - start clamped to [-1, len]
-        last(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(rule.cutoff - start, -1), len))),
+        last(chunk_last(rule.cutoff, start, len)),
+        key_b(rule.key_b),
+        last_b(chunk_last(rule.cutoff_b, start, len)),
         p(rule.p),
         u(uniforms) {}
 
@@ -132,11 +181,20 @@ struct KeepTest {
     if (kKind == KeepRule::kNone) return false;
     if (kKind == KeepRule::kRandom) return u[i] < p;
     const uint32_t k = mkey(d);
+    if (kKind == KeepRule::kBand) {
+      // above(key, last) <=> k >= key + (i > last) (no overflow: key < 2^31), so the band is
+      // lo <= k < hi with both bounds a key plus one where the index lies past its cutoff.
+      const uint32_t lo = key + static_cast<uint32_t>(i > last);
+      const uint32_t hi = key_b + static_cast<uint32_t>(i > last_b);
+      return (k >= lo) & (k < hi);
+    }
     return (k > key) | ((k == key) & (i <= last));
   }
 
   uint32_t key;
   int32_t last;
+  uint32_t key_b;  // kBand only
+  int32_t last_b;
   float p;
   const float* u;
 };

@@ -425,6 +425,12 @@ int elementwise_blocks(int64_t numel, int threads, int sms) {
 
 bool valid_inputs(const DeltaInputs& in) { return in.n >= 1 && in.n <= kMaxModels && in.numel >= 0; }
 
+// A known sparsifier code, with the device thresholds it reads (magnitude: (n, 2), band: (n, 4)).
+bool valid_sparsify(const SparsifyArgs& s) {
+  if (s.sparsifier < kNoSparsify || s.sparsifier > kBand) return false;
+  return threshold_columns(s.sparsifier) == 0 || s.thresholds != nullptr;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
@@ -514,7 +520,7 @@ cudaError_t delta_l1_norms(const DeltaInputs& in, const SparsifyArgs& sparsify, 
                            size_t workspace_bytes, double* out, cudaStream_t stream) {
   if (!valid_inputs(in)) return cudaErrorInvalidValue;
   if (workspace_bytes < delta_l1_workspace_bytes(in.n, in.numel)) return cudaErrorInvalidValue;
-  if (sparsify.sparsifier == kMagnitude && sparsify.thresholds == nullptr) return cudaErrorInvalidValue;
+  if (!valid_sparsify(sparsify)) return cudaErrorInvalidValue;
   const int64_t nchunks = ceil_div(in.numel, kL1Chunk);
   double* partials = static_cast<double*>(workspace);
   L1Args a;
@@ -534,7 +540,7 @@ cudaError_t fused_merge(const DeltaInputs& in, const SparsifyArgs& sparsify, con
                         void* out, int out_dtype, cudaStream_t stream) {
   if (!valid_inputs(in)) return cudaErrorInvalidValue;
   if (out_dtype != kFloat32 && out_dtype != kBFloat16 && out_dtype != kFloat16) return cudaErrorInvalidValue;
-  if (sparsify.sparsifier == kMagnitude && sparsify.thresholds == nullptr) return cudaErrorInvalidValue;
+  if (!valid_sparsify(sparsify)) return cudaErrorInvalidValue;
   if (in.numel == 0) return cudaSuccess;
   MergeKernelArgs a;
   a.in = in;

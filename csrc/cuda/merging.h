@@ -38,7 +38,8 @@ cudaError_t delta_l1_norms(const DeltaInputs& in, const SparsifyArgs& sparsify, 
 // settings: MergeSettings of common/fused_element.h (scales: a device float32 (n,) array; the weights travel in
 // the kernel parameters).
 // out: device buffer of in.numel elements of dtype out_dtype (a DTypeCode). sparsify.thresholds must be a
-// device pointer when sparsify.sparsifier == kMagnitude.
+// device pointer to (n, threshold_columns(sparsifier)) int64 when sparsify.sparsifier is kMagnitude (n, 2) or
+// kBand (n, 4). delta_l1_norms reads the same arguments.
 cudaError_t fused_merge(const DeltaInputs& in, const SparsifyArgs& sparsify, const MergeSettings& settings,
                         void* out, int out_dtype, cudaStream_t stream);
 
