@@ -287,13 +287,14 @@ def sparsify(delta: torch.Tensor, method: str, density: float, *, gamma: float |
         raise ValueError(f"gamma and epsilon do not apply to method {method!r}")
     tensors = _check_tensors(None, [delta])
     densities = _per_model([density], 1, "density", 1.0)
-    _check_densities(densities, "density")
+    _check_densities(densities)
     gammas = None
     if sparsifier == "band":
         if isinstance(gamma, (torch.Tensor, Sequence)):
             raise TypeError(f"gamma must be a number, got {type(gamma).__name__}")
-        gammas = _per_model([gamma if gamma is not None else GAMMA_DEFAULT], 1, "gamma", GAMMA_DEFAULT)
-        _check_densities(gammas, "gamma")
+        gammas = [float(gamma) if gamma is not None else GAMMA_DEFAULT]
+        if not 0.0 <= gammas[0] <= 1.0:  # also rejects NaN
+            raise ValueError(f"gamma must lie in [0, 1], got {gammas[0]}")
     _choice(k_rule, K_RULES, "k_rule")
     _check_seed(seed)
     preset = Preset(sparsifier=sparsifier, rescale=_rescale_name(rescale, default_rescale))
