@@ -305,6 +305,31 @@ def test_tie_groups_too_large_to_record(with_base):
     assert_thresholds(base, tensors, [numel - 1, 1, top - 1])
 
 
+@pytest.mark.parametrize("with_base", [False, True])
+def test_repeated_models(with_base):
+    """The same tensor listed several times (the band's 2N thresholds in one call) shares the first pass; every
+    row is still its own exact top-k, also when ties are cut by the per-block tie pass (groups > 2^16), for
+    non-contiguous views, and next to a different view of the same memory (not a repeat)."""
+    numel = 300_000
+    base, tensors = make_inputs((numel,), model_dtypes("bf16", 2), torch.bfloat16 if with_base else None, seed=17,
+                                levels=1)
+    a, b = tensors
+    keys = ref_sel.magnitude_keys(ref_sel.task_vector(base, a))
+    top = int((keys == keys.max()).sum())
+    assert top > 1 << 16
+    listed = [a, b, a, a, b, a]
+    assert_thresholds(base, listed, [top, numel // 2, top + 12_345, 0, numel, top - 7])
+    assert_thresholds(base, listed, [1, 0, numel, numel - 1, 5, 70_000])
+    gen = torch.Generator().manual_seed(18)
+    full = torch.randn(400, 31, generator=gen)
+    view = full.t()  # non-contiguous
+    other = full.reshape(31, 400)  # same memory, other strides: a different tensor
+    assert_thresholds(None, [view, other, view, view], [100, 200, 12_000, 5])
+    # a wrong tensor after repeats is named by its position in the list
+    with pytest.raises(RuntimeError, match=r"tensors\[3\] has shape"):
+        ops.delta_topk_thresholds(None, [view, view, view, torch.zeros(5)], [1, 1, 1, 1])
+
+
 def test_all_ties_kept_across_blocks():
     """Ties at the k-th key are all kept: the cutoff is the last tie, found across several blocks/threads."""
     numel = 300_000

@@ -567,16 +567,106 @@ at::Tensor fused_merge(const c10::optional<at::Tensor>& base, at::TensorList ten
 
 // ------------------------------------------------------------------------------------------------------------
 
+// The same tensor listed more than once (the band sparsifier asks for two top-k sizes of every task vector in one
+// call): same data, dtype and strides.
+bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.scalar_type() == b.scalar_type() && a.strides() == b.strides() &&
+         a.sizes() == b.sizes() && a.device() == b.device();
+}
+
+// topk_thresholds (cpu/radix_select.h) of rows r = (model_of[r], ks[r]) where several rows may select from the same
+// model: pass 1 (the top-16-bit histogram) is computed once per distinct model and shared by its rows; passes 2 and
+// 3 run per row, all rows sharing each pass over the data.
+at::Tensor topk_thresholds_of_rows(const DeltaInputs& in, const std::vector<int>& model_of,
+                                   const std::vector<int64_t>& ks) {
+  const int rows_n = static_cast<int>(ks.size());
+  at::Tensor out = at::empty({rows_n, 2}, at::kLong);
+  auto rows = out.accessor<int64_t, 2>();
+  std::vector<ModelSelect> sel;
+  std::vector<int> row_of;  // sel entry -> output row
+  for (int r = 0; r < rows_n; ++r) {
+    rows[r][0] = kKeepNone;
+    rows[r][1] = -1;
+    if (ks[r] > 0) {
+      sel.push_back(ModelSelect{model_of[r], ks[r]});
+      row_of.push_back(r);
+    }
+  }
+  if (sel.empty()) return out;
+
+  {
+    std::vector<ModelSelect> distinct;  // one entry per model, for pass 1
+    std::vector<size_t> slot(sel.size());
+    for (size_t s = 0; s < sel.size(); ++s) {
+      size_t u = 0;
+      while (u < distinct.size() && distinct[u].model != sel[s].model) ++u;
+      if (u == distinct.size()) distinct.push_back(ModelSelect{sel[s].model, 0});
+      slot[s] = u;
+    }
+    const ThreadScratch scratch(kTotalSlot, distinct.size() * kHighBins * sizeof(int64_t));
+    int64_t* high = scratch.zeroed<int64_t>(distinct.size() * kHighBins);
+    high_histograms(in, distinct, high);
+    for (size_t s = 0; s < sel.size(); ++s) {
+      sel[s].high = bin_of_rank(high + slot[s] * kHighBins, kHighBins, sel[s].rank);
+    }
+  }
+
+  std::vector<size_t> cut_of;  // sel entries whose cutoff needs pass 3
+  std::vector<ModelSelect> cut;
+  {
+    const ThreadScratch scratch(kTotalSlot, sel.size() * kLowBins * sizeof(int64_t));
+    int64_t* low = scratch.zeroed<int64_t>(sel.size() * kLowBins);
+    BucketMembers members = low_histograms(in, sel, low);
+    for (size_t s = 0; s < sel.size(); ++s) {
+      const uint32_t bin = bin_of_rank(low + s * kLowBins, kLowBins, sel[s].rank);
+      sel[s].key = (sel[s].high << 16) | bin;
+      if (members.complete[s]) {
+        sel[s].cutoff = cut_from_members(members.lists[s], bin, sel[s].rank);
+      } else {
+        cut.push_back(sel[s]);
+        cut_of.push_back(s);
+      }
+    }
+  }
+  if (!cut.empty()) locate_cut_ties(in, cut);
+  for (size_t c = 0; c < cut.size(); ++c) sel[cut_of[c]].cutoff = cut[c].cutoff;
+  for (size_t s = 0; s < sel.size(); ++s) {
+    rows[row_of[s]][0] = sel[s].key;
+    rows[row_of[s]][1] = sel[s].cutoff;
+  }
+  return out;
+}
+
 at::Tensor delta_topk_thresholds(const c10::optional<at::Tensor>& base, at::TensorList tensors,
                                  at::IntArrayRef ks) {
   const char* op = "pykernels::delta_topk_thresholds";
-  const DeltaInputs in = make_delta_inputs(base, tensors, op);
-  TORCH_CHECK(static_cast<int>(ks.size()) == in.n(), op, ": ks must have one entry per model (", in.n(),
-              "), got ", ks.size());
+  TORCH_CHECK(ks.size() == tensors.size(), op, ": ks must have one entry per model (", tensors.size(), "), got ",
+              ks.size());
+  // Each distinct tensor is read (and made contiguous) once per pass, however often it is listed.
+  std::vector<at::Tensor> distinct;
+  std::vector<int> model_of(tensors.size());
+  for (size_t m = 0; m < tensors.size(); ++m) {
+    size_t u = 0;
+    while (u < distinct.size() && !same_tensor(distinct[u], tensors[m])) ++u;
+    if (u == distinct.size()) distinct.push_back(tensors[m]);
+    model_of[m] = static_cast<int>(u);
+  }
+  TORCH_CHECK(tensors.size() <= static_cast<size_t>(kMaxModels), op, ": at most ", kMaxModels,
+              " models are supported (got ", tensors.size(), ")");
+  const DeltaInputs in = [&]() -> DeltaInputs {
+    if (distinct.size() == tensors.size()) return make_delta_inputs(base, tensors, op);
+    try {
+      return make_delta_inputs(base, distinct, op);
+    } catch (const c10::Error&) {
+      make_delta_inputs(base, tensors, op);  // the same error, naming the tensor by its index in `tensors`
+      throw;
+    }
+  }();
   for (size_t m = 0; m < ks.size(); ++m) {
     TORCH_CHECK(ks[m] >= 0 && ks[m] <= in.numel, op, ": ks[", m, "] = ", ks[m], " is outside [0, ", in.numel, "]");
   }
-  return topk_thresholds(in, std::vector<int64_t>(ks.begin(), ks.end()));
+  const std::vector<int64_t> k(ks.begin(), ks.end());
+  return distinct.size() == tensors.size() ? topk_thresholds(in, k) : topk_thresholds_of_rows(in, model_of, k);
 }
 
 at::Tensor philox_uniform_op(int64_t seed, int64_t offset, int64_t n) {
