@@ -522,10 +522,37 @@ def _gather_or_zero(t, idx):
     return torch.where(idx < width, vals, torch.zeros_like(vals))
 
 
+def _same_tensor(a, b) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+            and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and a.device == b.device)
+
+
+def _distinct_models(tensors):
+    """(distinct tensors, index into them of each listed tensor): a tensor listed more than once (the band
+    sparsifier's two top-k sizes per model) is read once per histogram pass."""
+    distinct, model_of = [], []
+    for t in tensors:
+        u = next((i for i, d in enumerate(distinct) if _same_tensor(d, t)), len(distinct))
+        if u == len(distinct):
+            distinct.append(t)
+        model_of.append(u)
+    return distinct, model_of
+
+
 def delta_topk_thresholds(base, tensors, ks) -> torch.Tensor:
-    """int64 (N, 2): (key, cutoff) of the exact magnitude top-k of each task vector, by radix select."""
-    base, tensors, device, numel, _ = _prepare(base, tensors, "delta_topk_thresholds")
+    """int64 (N, 2): (key, cutoff) of the exact magnitude top-k of each task vector, by radix select.
+    Repeated tensors share the first pass (one top-16-bit histogram per distinct tensor)."""
+    what = "delta_topk_thresholds"
+    tensors = list(tensors)
     n = len(tensors)
+    if not 1 <= n <= _MAX_MODELS:
+        raise ValueError(f"{what}: need 1 <= len(tensors) <= {_MAX_MODELS}, got {n}")
+    distinct, model_of = _distinct_models(tensors)
+    try:
+        base, tensors, device, numel, _ = _prepare(base, distinct, what)
+    except (TypeError, ValueError):
+        _prepare(base, list(tensors), what)  # the same error, naming the tensor by its index in the list
+        raise
     ks = [int(k) for k in ks]
     if len(ks) != n:
         raise ValueError(f"delta_topk_thresholds: len(ks) = {len(ks)} but {n} tensors")
@@ -541,13 +568,17 @@ def delta_topk_thresholds(base, tensors, ks) -> torch.Tensor:
     has_base = base is not None
     base_arg = base if has_base else tensors[0]
     a = len(active)
-    sel = torch.tensor(active, dtype=torch.int32, device=device)
+    sel = torch.tensor([model_of[m] for m in active], dtype=torch.int32, device=device)
     grid = (triton.cdiv(numel, _BLOCK),)
     common = dict(HAS_BASE=has_base, DT=models.dt, ALIGNED=models.aligned, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
 
-    # Pass 1: top 16 bits.
-    hist = torch.zeros((a, _HI_BINS), dtype=torch.int64, device=device)
-    _hist_hi_kernel[grid](base_arg, models.ptrs, models.dts, sel, a, hist, numel, **common)
+    # Pass 1: top 16 bits, one histogram per distinct model.
+    hist_models = sorted({model_of[m] for m in active})
+    slot = torch.tensor([hist_models.index(model_of[m]) for m in active], dtype=torch.int64, device=device)
+    hsel = torch.tensor(hist_models, dtype=torch.int32, device=device)
+    hist = torch.zeros((len(hist_models), _HI_BINS), dtype=torch.int64, device=device)
+    _hist_hi_kernel[grid](base_arg, models.ptrs, models.dts, hsel, len(hist_models), hist, numel, **common)
+    hist = hist[slot]  # each row's histogram
     kt = torch.tensor([ks[m] for m in active], dtype=torch.int64, device=device)
     ge = _rev_cumsum(hist)
     bucket = (ge >= kt.unsqueeze(1)).sum(1) - 1  # bucket holding rank k (>= 0 because ge[:, 0] = numel >= k)
@@ -577,7 +608,7 @@ def delta_topk_thresholds(base, tensors, ks) -> torch.Tensor:
     # Pass 3 (only models keeping a strict subset of their ties): locate the need-th tie by index.
     if partial:
         p = len(partial)
-        psel = torch.tensor([active[i] for i in partial], dtype=torch.int32, device=device)
+        psel = torch.tensor([model_of[active[i]] for i in partial], dtype=torch.int32, device=device)
         pkey = torch.tensor([key_l[i] for i in partial], dtype=torch.int64, device=device)
         pneed = torch.tensor([need_l[i] for i in partial], dtype=torch.int64, device=device)
         nchunks = triton.cdiv(numel, _TIE_CHUNK)

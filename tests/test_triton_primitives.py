@@ -197,13 +197,23 @@ def test_thresholds_many_models():
                            refsel.delta_topk_thresholds(base, tensors, ks))
 
 
-def test_thresholds_repeated_models():
-    """The band's 2N thresholds in one call: every model listed twice with two different k."""
+def test_thresholds_repeated_models(small_blocks):
+    """The band's 2N thresholds in one call: models listed several times (sharing the first pass) with
+    different k, ties cut across many tie chunks, non-contiguous repeats; errors name the listed index."""
     base, tensors = make_inputs((33, 17), DTYPES["mixed"], 3, True, seed=6, ties=True)
     numel = 561
-    ks = [400, numel, 0, 37, 1, 200]
-    assert torch.equal(K.delta_topk_thresholds(base, tensors * 2, ks),
-                       refsel.delta_topk_thresholds(base, tensors * 2, ks))
+    for ks in ([400, numel, 0, 37, 1, 200], [123, 0, 560, 5, 300, 301]):
+        listed = tensors * 2
+        assert torch.equal(K.delta_topk_thresholds(base, listed, ks), refsel.delta_topk_thresholds(base, listed, ks))
+    a, b = tensors[0].t(), tensors[1].t()
+    assert not a.is_contiguous()
+    listed = [a, b, a, a]
+    ks = [100, 200, 500, 0]
+    assert torch.equal(K.delta_topk_thresholds(None, listed, ks), refsel.delta_topk_thresholds(None, listed, ks))
+    with pytest.raises(ValueError, match=r"tensors\[3\]"):
+        K.delta_topk_thresholds(None, [a, a, a, torch.zeros(5)], [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="len\\(tensors\\) <= 64"):
+        K.delta_topk_thresholds(None, [a] * 65, [1] * 65)
 
 
 # ----------------------------------------------------------------------------------------------------------
