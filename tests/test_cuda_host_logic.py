@@ -103,9 +103,11 @@ int pk_topk(int n, int64_t numel, const void* base, int base_dtype, const void* 
       out[2 * m + 1] = -1;
       continue;
     }
-    // pass 1: top digit
+    // pass 1: top digit, counted on the histogram owner's data (a repeated buffer is counted once)
+    const int owner = histogram_owner(in, ks, m);
+    if (owner != m && (owner > m || ks[owner] == 0)) return -5;
     std::vector<uint64_t> hist_hi(kRadixHiBins, 0);
-    for (int64_t j = 0; j < numel; ++j) ++hist_hi[radix_hi(key_at(in, m, j))];
+    for (int64_t j = 0; j < numel; ++j) ++hist_hi[radix_hi(key_at(in, owner, j))];
     uint64_t r1 = 0;
     const int64_t bucket = block_find_rank(hist_hi, k, true, threads, &r1);
     if (bucket < 0) return -1;
@@ -208,6 +210,12 @@ void pk_keep_mask(int n, int64_t numel, const void* base, int base_dtype, const 
 
 int pk_threshold_columns(int sparsifier) { return threshold_columns(sparsifier); }
 
+void pk_histogram_owners(int n, int64_t numel, const void* base, int base_dtype, const void* const* data,
+                         const int* dtypes, const int64_t* ks, int* out) {
+  const DeltaInputs in = make_inputs(n, numel, base, base_dtype, data, dtypes);
+  for (int m = 0; m < n; ++m) out[m] = histogram_owner(in, ks, m);
+}
+
 void pk_philox(uint64_t seed, int64_t offset, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = philox_uniform(seed, offset + i);
 }
@@ -254,6 +262,8 @@ def lib(tmp_path_factory):
     h.pk_keep_mask.restype = None
     h.pk_threshold_columns.argtypes = [i32]
     h.pk_threshold_columns.restype = i32
+    h.pk_histogram_owners.argtypes = [i32, i64, p, i32, p, p, p, p]
+    h.pk_histogram_owners.restype = None
     h.pk_philox.argtypes = [ctypes.c_uint64, i64, i64, p]
     h.pk_philox.restype = None
     h.pk_load.argtypes = [p, i32, i64, p]
@@ -435,6 +445,24 @@ def test_topk_tie_pass_is_exercised_and_exact(lib):
     got, used = host_topk(lib, None, [x], [k_all])
     assert used.tolist() == [0]
     assert torch.equal(got, ref_selection.delta_topk_thresholds(None, [x], [k_all]))
+
+
+def test_topk_repeated_buffers(lib):
+    """The band's 2N thresholds in one call: a buffer listed again is served by the pass-1 histogram of its first
+    listing with k > 0 (histogram_owner), and every row is still its own exact top-k."""
+    gen = torch.Generator().manual_seed(8)
+    base, (a, b) = _random_tensors(gen, 2, (3000,), [torch.bfloat16, torch.float32], torch.bfloat16, "ties")
+    listed = [a, b, a, b, a, a.float()]  # a.float(): another buffer (and dtype), its own histogram
+    cases = {(0, 700, 1500, 0, 2999, 10): [0, 1, 2, 1, 2, 5], (1200, 0, 1, 3000, 0, 1200): [0, 1, 0, 3, 0, 5],
+             (0,) * 6: [0, 1, 2, 3, 4, 5]}
+    for ks, owners in cases.items():
+        got, _ = host_topk(lib, base, listed, list(ks), threads=64, tie_chunk=256)
+        assert torch.equal(got, ref_selection.delta_topk_thresholds(base, listed, list(ks))), ks
+        inp = _Inputs(base, listed)
+        ks_t = torch.tensor(ks, dtype=torch.int64)
+        out = (ctypes.c_int * len(listed))()
+        lib.pk_histogram_owners(*inp.head(), _ptr(ks_t), out)
+        assert list(out) == owners, ks
 
 
 def test_topk_empty(lib):

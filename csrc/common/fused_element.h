@@ -134,6 +134,16 @@ PK_HD float load_delta(const DeltaInputs& in, int m, int64_t j, float b) {
   return in.base != nullptr ? t - b : t;
 }
 
+// delta_topk_thresholds: the model whose top-16-bit histogram (pass 1) serves model m (ks: n selection sizes).
+// A buffer listed more than once (the band sparsifier asks for two top-k sizes of every model in one call) is
+// counted once, by its first listing with k > 0; every other model is its own owner.
+inline int histogram_owner(const DeltaInputs& in, const int64_t* ks, int m) {
+  for (int o = 0; o < m; ++o) {
+    if (ks[o] > 0 && in.data[o] == in.data[m] && in.dtype[o] == in.dtype[m]) return o;
+  }
+  return m;
+}
+
 // The sparsifier of every model, as fused_merge / delta_l1_norms receive it.
 struct SparsifyArgs {
   int sparsifier;               // Sparsifier code
