@@ -598,8 +598,8 @@ def test_band_keep_degenerate_rows(lib):
     x = torch.tensor([0.5, -0.25, float("nan"), 0.5, 2.0, -0.5, float("inf"), 0.25, -2.0, 0.125, -0.0, 0.5])
     key = int(ref_selection.magnitude_keys(torch.tensor([0.5]))[0])
     rows = [[-1, -1, KEEP_NONE, -1], [-1, -1, key, 3], [key, 5, KEEP_NONE, -1], [KEEP_NONE, -1, -1, -1],
-            [key, 3, key, 5], [key, 5, key, 0], [key, 11, key, 3], [0, 0, 0x7F800001, 2], [0x7F800000, 6, 0x7F800001, -1],
-            [0, -1, 0, 10]]
+            [key, 3, key, 5], [key, 5, key, 0], [key, 11, key, 3], [0, 0, 0x7F800001, 2],
+            [0x7F800000, 6, 0x7F800001, -1], [0, -1, 0, 10]]
     thresholds = torch.tensor(rows, dtype=torch.int64)
     tensors = [x] * len(rows)
     got = host_keep_mask(lib, None, tensors, 3, thresholds, [1.0] * len(rows), 0)

@@ -370,10 +370,34 @@ def test_band_thresholds_are_two_topk_thresholds():
     assert th[2, 2:].tolist() == ref_sel.delta_topk_thresholds(base, [tensors[2]], [5])[0].tolist()
 
 
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_breadcrumbs_primitives_opcheck_and_compile(backend):
+    """The band calls are real operator calls: opcheck of the 2N-threshold call (repeated tensors) and of the band
+    norms / merge, and torch.compile(fullgraph=True) of a breadcrumbs_ties merge with l1 rescale."""
+    from pykernels import _ops
+    from pykernels.merging import _band_thresholds
+
+    base, tensors = make_models((33, 7), 2, [torch.float32, torch.bfloat16, torch.float32])
+    ops = _ops.primitives(backend)
+    th = _band_thresholds(ops, base, tensors, [0.5, 0.4], [0.1, 0.3], "strict")
+    torch.library.opcheck(ops.delta_topk_thresholds, (base, tensors + tensors, [100, 50, 10, 0]))
+    torch.library.opcheck(ops.delta_l1_norms, (base, tensors, 3, th, [0.5, 0.5], 3))
+    torch.library.opcheck(ops.fused_merge, (base, tensors, 3, th, [0.5, 0.5], 3, torch.ones(2), [0.3, 0.4], 0, 1, 0,
+                                            True, 0.9, torch.bfloat16))
+
+    def f(b, t1, t2):
+        return pk.merge(b, [t1, t2], "breadcrumbs_ties", densities=[0.5, 0.4], gammas=0.1, rescale=True,
+                        backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(base, *tensors), f(base, *tensors))
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda b, t: pk.ties(b, t, densities=0.5, gammas=0.1), r"gammas apply to the breadcrumbs methods only"),
     (lambda b, t: pk.task_arithmetic(b, t, gammas=[0.1, 0.1]), r"gammas apply to the breadcrumbs methods only"),
-    (lambda b, t: pk.merge(b, t, "breadcrumbs", densities=0.5, gammas=1.5), r"gammas\[0\] must lie in \[0, 1\], got 1.5"),
+    (lambda b, t: pk.merge(b, t, "breadcrumbs", densities=0.5, gammas=1.5),
+     r"gammas\[0\] must lie in \[0, 1\], got 1.5"),
     (lambda b, t: pk.merge(b, t, "breadcrumbs", densities=0.5, gammas=[0.1, -0.2]),
      r"gammas\[1\] must lie in \[0, 1\], got -0.2"),
     (lambda b, t: pk.merge(b, t, "breadcrumbs_ties", densities=0.5, gammas=[0.1, float("nan")]),
