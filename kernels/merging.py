@@ -29,6 +29,8 @@ Design
   divisor), recomputing each model's value bit-identically instead of holding N values per element.
   Kernels that must not contract a*b+c into an FMA are launched with ``enable_fp_fusion=False``, and
   the division uses ``tl.math.div_rn`` (IEEE round to nearest).
+* Band sparsifier (code 3, breadcrumbs): thresholds (N, 4) = two top-k thresholds (a, b) of the same task
+  vector; keep above(a) and not above(b), each test exactly the magnitude one (int64 keys and indices).
 * Random keep masks: ``tl.rand(model_seed, j)`` with int64 ``j`` (Triton 3.x splits a 64-bit offset into
   the counter words (j mod 2^32, j >> 32), i.e. the documented Philox4x32-10 stream).
 
@@ -158,12 +160,22 @@ def _cast_out(x, OUT: tl.constexpr):
 
 @triton.jit
 def _keep(d, offs, m, thr_ptr, keepall_ptr, probs_ptr, seeds_ptr, SPARSIFIER: tl.constexpr):
-    """Sparsifier mask of model m at offs: 0 all, 1 exact top-k threshold, 2 Philox u < p."""
+    """Sparsifier mask of model m at offs: 0 all, 1 exact top-k threshold, 2 Philox u < p,
+    3 band: above (key_a, cutoff_a) and not above (key_b, cutoff_b)."""
     if SPARSIFIER == 1:
         key = tl.load(thr_ptr + 2 * m)
         cutoff = tl.load(thr_ptr + 2 * m + 1)
         mk = _mkey(d).to(tl.int64)
         keep = (mk > key) | ((mk == key) & (offs <= cutoff))
+    elif SPARSIFIER == 3:
+        key_a = tl.load(thr_ptr + 4 * m)
+        cutoff_a = tl.load(thr_ptr + 4 * m + 1)
+        key_b = tl.load(thr_ptr + 4 * m + 2)
+        cutoff_b = tl.load(thr_ptr + 4 * m + 3)
+        mk = _mkey(d).to(tl.int64)
+        above_a = (mk > key_a) | ((mk == key_a) & (offs <= cutoff_a))
+        above_b = (mk > key_b) | ((mk == key_b) & (offs <= cutoff_b))
+        keep = above_a & (~above_b)
     elif SPARSIFIER == 2:
         if tl.load(keepall_ptr + m) != 0:
             keep = offs >= 0
@@ -465,17 +477,24 @@ class _Models:
         self.aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+_THRESHOLD_COLUMNS = {1: (2, "magnitude"), 3: (4, "band")}  # thresholds (N, columns) a sparsifier reads
+
+
 def _sparsifier_args(sparsifier, thresholds, keep_probs, seed, n, device):
-    """Tensors (thresholds int64 (N,2), keep-all int32, probs fp32, model seeds int64) for the kernels."""
+    """Tensors (thresholds int64 (N,2) or (N,4) flattened, keep-all int32, probs fp32, model seeds int64) for
+    the kernels. Sparsifier 1 (magnitude) reads (key, cutoff) rows, 3 (band) (key_a, cutoff_a, key_b, cutoff_b)."""
     sparsifier = int(sparsifier)
-    if sparsifier not in (0, 1, 2):
+    if sparsifier not in (0, 1, 2, 3):
         raise ValueError(f"unknown sparsifier code {sparsifier}")
-    if sparsifier == 1:
+    if sparsifier in _THRESHOLD_COLUMNS:
+        columns, name = _THRESHOLD_COLUMNS[sparsifier]
         if thresholds is None:
-            raise ValueError("sparsifier 1 (magnitude) needs thresholds")
+            raise ValueError(f"sparsifier {sparsifier} ({name}) needs thresholds of shape ({n}, {columns})")
+        shape = tuple(torch.as_tensor(thresholds).shape)
+        if shape != (n, columns):
+            raise ValueError(f"thresholds must have shape ({n}, {columns}) for sparsifier {sparsifier} ({name}), "
+                             f"got {shape}")
         thr = torch.as_tensor(thresholds).to(device=device, dtype=torch.int64).reshape(-1).contiguous()
-        if thr.numel() != 2 * n:
-            raise ValueError(f"thresholds must have shape ({n}, 2), got {tuple(torch.as_tensor(thresholds).shape)}")
     else:
         thr = torch.zeros(2 * n, dtype=torch.int64, device=device)
     if sparsifier == 2:
@@ -503,10 +522,37 @@ def _gather_or_zero(t, idx):
     return torch.where(idx < width, vals, torch.zeros_like(vals))
 
 
+def _same_tensor(a, b) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+            and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and a.device == b.device)
+
+
+def _distinct_models(tensors):
+    """(distinct tensors, index into them of each listed tensor): a tensor listed more than once (the band
+    sparsifier's two top-k sizes per model) is read once per histogram pass."""
+    distinct, model_of = [], []
+    for t in tensors:
+        u = next((i for i, d in enumerate(distinct) if _same_tensor(d, t)), len(distinct))
+        if u == len(distinct):
+            distinct.append(t)
+        model_of.append(u)
+    return distinct, model_of
+
+
 def delta_topk_thresholds(base, tensors, ks) -> torch.Tensor:
-    """int64 (N, 2): (key, cutoff) of the exact magnitude top-k of each task vector, by radix select."""
-    base, tensors, device, numel, _ = _prepare(base, tensors, "delta_topk_thresholds")
+    """int64 (N, 2): (key, cutoff) of the exact magnitude top-k of each task vector, by radix select.
+    Repeated tensors share the first pass (one top-16-bit histogram per distinct tensor)."""
+    what = "delta_topk_thresholds"
+    tensors = list(tensors)
     n = len(tensors)
+    if not 1 <= n <= _MAX_MODELS:
+        raise ValueError(f"{what}: need 1 <= len(tensors) <= {_MAX_MODELS}, got {n}")
+    distinct, model_of = _distinct_models(tensors)
+    try:
+        base, tensors, device, numel, _ = _prepare(base, distinct, what)
+    except (TypeError, ValueError):
+        _prepare(base, list(tensors), what)  # the same error, naming the tensor by its index in the list
+        raise
     ks = [int(k) for k in ks]
     if len(ks) != n:
         raise ValueError(f"delta_topk_thresholds: len(ks) = {len(ks)} but {n} tensors")
@@ -522,13 +568,17 @@ def delta_topk_thresholds(base, tensors, ks) -> torch.Tensor:
     has_base = base is not None
     base_arg = base if has_base else tensors[0]
     a = len(active)
-    sel = torch.tensor(active, dtype=torch.int32, device=device)
+    sel = torch.tensor([model_of[m] for m in active], dtype=torch.int32, device=device)
     grid = (triton.cdiv(numel, _BLOCK),)
     common = dict(HAS_BASE=has_base, DT=models.dt, ALIGNED=models.aligned, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
 
-    # Pass 1: top 16 bits.
-    hist = torch.zeros((a, _HI_BINS), dtype=torch.int64, device=device)
-    _hist_hi_kernel[grid](base_arg, models.ptrs, models.dts, sel, a, hist, numel, **common)
+    # Pass 1: top 16 bits, one histogram per distinct model.
+    hist_models = sorted({model_of[m] for m in active})
+    slot = torch.tensor([hist_models.index(model_of[m]) for m in active], dtype=torch.int64, device=device)
+    hsel = torch.tensor(hist_models, dtype=torch.int32, device=device)
+    hist = torch.zeros((len(hist_models), _HI_BINS), dtype=torch.int64, device=device)
+    _hist_hi_kernel[grid](base_arg, models.ptrs, models.dts, hsel, len(hist_models), hist, numel, **common)
+    hist = hist[slot]  # each row's histogram
     kt = torch.tensor([ks[m] for m in active], dtype=torch.int64, device=device)
     ge = _rev_cumsum(hist)
     bucket = (ge >= kt.unsqueeze(1)).sum(1) - 1  # bucket holding rank k (>= 0 because ge[:, 0] = numel >= k)
@@ -558,7 +608,7 @@ def delta_topk_thresholds(base, tensors, ks) -> torch.Tensor:
     # Pass 3 (only models keeping a strict subset of their ties): locate the need-th tie by index.
     if partial:
         p = len(partial)
-        psel = torch.tensor([active[i] for i in partial], dtype=torch.int32, device=device)
+        psel = torch.tensor([model_of[active[i]] for i in partial], dtype=torch.int32, device=device)
         pkey = torch.tensor([key_l[i] for i in partial], dtype=torch.int64, device=device)
         pneed = torch.tensor([need_l[i] for i in partial], dtype=torch.int64, device=device)
         nchunks = triton.cdiv(numel, _TIE_CHUNK)

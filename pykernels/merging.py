@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from . import _backend, _ops
-from .reference.merging import CONSENSUS, DIVISORS, SIGN_SOURCES, SPARSIFIERS
+from .reference.merging import CONSENSUS, DIVISORS, SIGN_SOURCES, SPARSIFIERS, band_counts
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_MODELS = 64
@@ -41,7 +41,10 @@ METHODS = {
     "ties": Preset(sparsifier="magnitude", consensus="sum", normalize=True),
     "dare_ties": Preset(sparsifier="random", consensus="sum", rescale="l1"),
     "dare_linear": Preset(sparsifier="random", rescale="l1"),
+    "breadcrumbs": Preset(sparsifier="band"),
+    "breadcrumbs_ties": Preset(sparsifier="band", consensus="sum"),
 }
+GAMMA_DEFAULT = 0.01  # mergekit's default share of the largest magnitudes breadcrumbs drops
 
 
 # --- argument checks: every message names the argument and the value ----------------------------------
@@ -92,10 +95,10 @@ def _per_model(value, n: int, name: str, default: float) -> list[float]:
     return values
 
 
-def _check_densities(densities: list[float]) -> None:
+def _check_densities(densities: list[float], name: str = "densities") -> None:
     for i, rho in enumerate(densities):
         if not 0.0 <= rho <= 1.0:
-            raise ValueError(f"densities[{i}] must lie in [0, 1], got {rho}")
+            raise ValueError(f"{name}[{i}] must lie in [0, 1], got {rho}")
 
 
 def _topk_counts(densities: list[float], numel: int, k_rule: str) -> list[int]:
@@ -109,6 +112,28 @@ def _topk_counts(densities: list[float], numel: int, k_rule: str) -> list[int]:
                              f"(k = int(density * numel) = 0); raise the density or use density 0")
         ks.append(min(k, numel))
     return ks
+
+
+def _band_thresholds(ops, base, tensors, densities, gammas, k_rule) -> torch.Tensor:
+    """int64 (N, 4) band thresholds (key_a, cutoff_a, key_b, cutoff_b): a = the top k_a, b = the top k_b of
+    |d_i| (reference.merging.band_counts: mergekit's magnitude_outliers), ties at either edge resolved like
+    top-k (the lower flat index counts as larger). The 2N top-k thresholds come from one selection pass over
+    the models (each model listed twice) when 2N <= MAX_MODELS. An edge that keeps everything (k_a = numel)
+    or nothing (k_b = 0) needs no selection: (-1, -1) selects every key, k = 0 gives (2^32, -1)."""
+    n, numel = len(tensors), tensors[0].numel()
+    counts = [band_counts(rho, gamma, numel, target) for rho, gamma, target in
+              zip(densities, gammas, _topk_counts(densities, numel, k_rule))]
+    ks_a = [0 if ka == numel else ka for ka, _ in counts]
+    ks_b = [kb for _, kb in counts]
+    if 2 * n <= MAX_MODELS:
+        both = ops.delta_topk_thresholds(base, tensors + tensors, ks_a + ks_b)
+        rows_a, rows_b = both[:n], both[n:]
+    else:
+        rows_a = ops.delta_topk_thresholds(base, tensors, ks_a)
+        rows_b = ops.delta_topk_thresholds(base, tensors, ks_b)
+    keep_all = torch.tensor([ka == numel for ka, _ in counts], device=rows_a.device).unsqueeze(1)
+    rows_a = torch.where(keep_all, torch.full_like(rows_a, -1), rows_a)
+    return torch.cat([rows_a, rows_b], dim=1).contiguous()
 
 
 def _check_finite(base, tensors) -> None:
@@ -151,9 +176,9 @@ def _scales(ops, base, tensors, rescale, sparsifier_code, thresholds, densities,
 
 
 def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: str = "task_arithmetic", *,
-          weights=None, densities=None, normalize: bool | None = None, rescale=None, lambda_: float = 1.0,
-          seed: int = 0, consensus: str | None = None, sign_source: str = "weighted", divisor: str = "weights",
-          k_rule: str = "strict", check_finite: bool = False, backend: str | None = None,
+          weights=None, densities=None, gammas=None, normalize: bool | None = None, rescale=None,
+          lambda_: float = 1.0, seed: int = 0, consensus: str | None = None, sign_source: str = "weighted",
+          divisor: str = "weights", k_rule: str = "strict", check_finite: bool = False, backend: str | None = None,
           out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Merge fine-tuned `tensors` into `base` with `method` (mergekit semantics; DESIGN.md section 3).
 
@@ -162,13 +187,21 @@ def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: st
         tensors: N = 1..64 fine-tuned tensors, any mix of float32/bfloat16/float16, same shape as base.
         method: one of METHODS.
         weights: per-model weights (default 1.0). densities: per-model keep fractions in [0, 1].
+        gammas: breadcrumbs only (mergekit's gamma, default 0.01): per-model share in [0, 1] of the largest
+            magnitudes to drop, or one value for every model. mergekit's magnitude_outliers: with
+            target = int(density*numel), n_top = int(gamma*numel), n_bot = max(0, numel - target - n_top), keep
+            the ascending-|d| positions [n_bot, n_bot + target), i.e. the top (numel - n_bot) minus the top
+            (numel - n_bot - target); density >= 1 keeps everything. Ties at either edge are resolved like
+            top-k: among equal magnitudes the lower flat index counts as larger (mergekit's unstable sort keeps
+            an arbitrary subset).
         normalize: divide by the sum of (agreeing) weights; default per method.
         rescale: False/"none", True/"l1" (mergekit: l1-norm matching), "inverse" (1/density, DARE paper/peft).
         consensus: sign election "sum", "count" or "none"; default per method.
         sign_source: elect signs on "weighted" (mergekit) or "unweighted" (peft) sparsified task vectors.
         divisor: normalize by the sum of agreeing "weights" (mergekit) or their "count" (peft).
         k_rule: magnitude top-k size: "strict" k = int(density*numel), an error when that is 0 for density > 0;
-            "floor" the same without the error (peft); "at_least_one" max(1, ...) (mergekit).
+            "floor" the same without the error (peft); "at_least_one" max(1, ...) (mergekit's ties). For
+            breadcrumbs the rule sizes target (mergekit's breadcrumbs is "floor").
         seed: counter-based stream for random masks; same seed gives the same masks on every backend.
         check_finite: raise on NaN/Inf inputs instead of propagating them (a non-finite input gives NaN).
         out_dtype: output dtype (default: base's dtype, or the first tensor's without a base).
@@ -185,6 +218,10 @@ def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: st
         raise ValueError(f"densities have no effect with method {method!r}; leave them out")
     densities = _per_model(densities, n, "densities", 1.0)
     _check_densities(densities)
+    if preset.sparsifier != "band" and gammas is not None:
+        raise ValueError(f"gammas apply to the breadcrumbs methods only, not to method {method!r}; leave them out")
+    gammas = _per_model(gammas, n, "gammas", GAMMA_DEFAULT)
+    _check_densities(gammas, "gammas")
     if not math.isfinite(float(lambda_)):
         raise ValueError(f"lambda_ must be finite, got {lambda_}")
     _check_seed(seed)
@@ -205,15 +242,17 @@ def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: st
         _check_finite(base, tensors)
     backend = _backend.resolve(backend, ref.device)
     return _run(_ops.primitives(backend), base, tensors, preset, weights, densities, float(lambda_), seed,
-                sign_source, divisor, k_rule, out_dtype)
+                sign_source, divisor, k_rule, out_dtype, gammas)
 
 
 def _run(ops, base, tensors, preset: Preset, weights, densities, lambda_, seed, sign_source, divisor, k_rule,
-         out_dtype) -> torch.Tensor:
+         out_dtype, gammas=None) -> torch.Tensor:
     device = tensors[0].device
     sparsifier = SPARSIFIERS[preset.sparsifier]
     if preset.sparsifier == "magnitude":
         thresholds = ops.delta_topk_thresholds(base, tensors, _topk_counts(densities, tensors[0].numel(), k_rule))
+    elif preset.sparsifier == "band":
+        thresholds = _band_thresholds(ops, base, tensors, densities, gammas, k_rule)
     else:
         thresholds = torch.zeros((len(tensors), 2), dtype=torch.int64, device=device)
     scales = _scales(ops, base, tensors, preset.rescale, sparsifier, thresholds, densities, seed, device)
@@ -222,27 +261,46 @@ def _run(ops, base, tensors, preset: Preset, weights, densities, lambda_, seed, 
                            preset.normalize, lambda_, out_dtype)
 
 
+_SPARSIFY_METHODS = {  # method: (engine sparsifier, default rescale)
+    "magnitude": ("magnitude", "none"),
+    "random": ("random", "inverse"),
+    "magnitude_outliers": ("band", "none"),
+}
+
+
 def sparsify(delta: torch.Tensor, method: str, density: float, *, gamma: float | None = None,
              epsilon: float | None = None, rescale=None, seed: int = 0, k_rule: str = "strict",
              backend: str | None = None) -> torch.Tensor:
-    """Sparsify one task vector: "magnitude" (exact top-k, ties by index) or "random" (DARE).
+    """Sparsify one task vector: "magnitude" (exact top-k, ties by index), "random" (DARE) or
+    "magnitude_outliers" (breadcrumbs: drop the top int(gamma*numel) magnitudes, keep the next
+    int(density*numel); gamma defaults to mergekit's 0.01; see merge()'s gammas for the exact rule).
 
-    rescale defaults to "none" for magnitude and "inverse" (1/density) for random. gamma and epsilon belong
-    to the rank-based methods (breadcrumbs, DELLA), which are not available yet.
+    rescale defaults to "none" for magnitude and magnitude_outliers and "inverse" (1/density) for random.
+    epsilon belongs to DELLA, which is not available here.
     """
-    defaults = {"magnitude": "none", "random": "inverse"}
-    if method not in defaults:
-        raise ValueError(f"method must be one of {tuple(defaults)}, got {method!r}")
-    if gamma is not None or epsilon is not None:
+    if method not in _SPARSIFY_METHODS:
+        raise ValueError(f"method must be one of {tuple(_SPARSIFY_METHODS)}, got {method!r}")
+    sparsifier, default_rescale = _SPARSIFY_METHODS[method]
+    if sparsifier == "band" and epsilon is not None:
+        raise ValueError(f"epsilon does not apply to method {method!r} (it takes gamma)")
+    if sparsifier != "band" and (gamma is not None or epsilon is not None):
         raise ValueError(f"gamma and epsilon do not apply to method {method!r}")
     tensors = _check_tensors(None, [delta])
     densities = _per_model([density], 1, "density", 1.0)
     _check_densities(densities)
+    gammas = None
+    if sparsifier == "band":
+        if isinstance(gamma, (torch.Tensor, Sequence)):
+            raise TypeError(f"gamma must be a number, got {type(gamma).__name__}")
+        gammas = [float(gamma) if gamma is not None else GAMMA_DEFAULT]
+        if not 0.0 <= gammas[0] <= 1.0:  # also rejects NaN
+            raise ValueError(f"gamma must lie in [0, 1], got {gammas[0]}")
     _choice(k_rule, K_RULES, "k_rule")
     _check_seed(seed)
-    preset = Preset(sparsifier=method, rescale=_rescale_name(rescale, defaults[method]))
+    preset = Preset(sparsifier=sparsifier, rescale=_rescale_name(rescale, default_rescale))
     ops = _ops.primitives(_backend.resolve(backend, delta.device))
-    return _run(ops, None, tensors, preset, [1.0], densities, 1.0, seed, "weighted", "weights", k_rule, delta.dtype)
+    return _run(ops, None, tensors, preset, [1.0], densities, 1.0, seed, "weighted", "weights", k_rule, delta.dtype,
+                gammas)
 
 
 # --- one function per method ----------------------------------------------------------------------------
@@ -270,3 +328,15 @@ def dare_ties(base, tensors, *, weights=None, densities=None, seed: int = 0, **k
 def dare_linear(base, tensors, *, weights=None, densities=None, seed: int = 0, **kwargs) -> torch.Tensor:
     """DARE: random keep with probability density, l1 rescale, weighted sum."""
     return merge(base, tensors, "dare_linear", weights=weights, densities=densities, seed=seed, **kwargs)
+
+
+def breadcrumbs(base, tensors, *, weights=None, densities=None, gammas=None, **kwargs) -> torch.Tensor:
+    """Model Breadcrumbs: per task vector drop the top int(gamma*numel) magnitudes and all but the next
+    int(density*numel) (mergekit's magnitude_outliers), weighted sum; normalize and rescale off."""
+    return merge(base, tensors, "breadcrumbs", weights=weights, densities=densities, gammas=gammas, **kwargs)
+
+
+def breadcrumbs_ties(base, tensors, *, weights=None, densities=None, gammas=None, **kwargs) -> torch.Tensor:
+    """Breadcrumbs + TIES sign election (sum); normalize and rescale off (mergekit's defaults)."""
+    return merge(base, tensors, "breadcrumbs_ties", weights=weights, densities=densities, gammas=gammas,
+                 **kwargs)

@@ -105,18 +105,36 @@ def merge_args(n, sparsifier, thresholds, *, sign_source=0, consensus=1, divisor
             lambda_, out_dtype)
 
 
+def band_ks(numel, n, seed=0):
+    """(k_a, k_b) per model from mergekit's formula (reference.merging.band_counts), including the edges: keep
+    nothing, keep everything, gamma 0 (plain top-k), gamma 1 (the smallest), and interior bands."""
+    settings = [(0.3, 0.05), (0.0, 0.1), (1.0, 0.01), (0.5, 0.0), (0.2, 1.0), (0.7, 0.2), (0.05, 0.5)]
+    return [ref.band_counts(*settings[(m + seed) % len(settings)], numel) for m in range(n)]
+
+
+def assert_band_thresholds(base, tensors, pairs):
+    """(N, 4) band thresholds from one delta_topk_thresholds call over the models listed twice."""
+    n = len(tensors)
+    both = assert_thresholds(base, list(tensors) * 2, [a for a, _ in pairs] + [b for _, b in pairs])
+    return torch.cat([both[:n], both[n:]], dim=1)
+
+
 def check_everything(base, tensors, seed=0):
-    """Thresholds, norms under every sparsifier, and two typical merges."""
+    """Thresholds, norms under every sparsifier, and typical merges."""
     n, numel = len(tensors), tensors[0].numel()
     ks = ks_for(numel, n, seed)
     thresholds = assert_thresholds(base, tensors, ks)
+    band = assert_band_thresholds(base, tensors, band_ks(numel, n, seed))
     keep_probs = [0.1, 1.0, 0.5, 0.9, 0.0][:n] + [0.5] * max(0, n - 5)
     for sparsifier in (0, 1, 2):
         assert_norms(base, tensors, sparsifier, thresholds, keep_probs, seed)
+    assert_norms(base, tensors, 3, band, keep_probs, seed)
     out_dtype = base.dtype if base is not None else tensors[0].dtype
     assert_merge(base, tensors, *merge_args(n, 1, thresholds, out_dtype=out_dtype))  # ties
     assert_merge(base, tensors, *merge_args(n, 2, torch.zeros(n, 2, dtype=torch.int64), consensus=0,
                                             normalize=False, lambda_=0.5, keep_probs=keep_probs))  # dare_linear
+    assert_merge(base, tensors, *merge_args(n, 3, band, consensus=0, normalize=False))  # breadcrumbs
+    assert_merge(base, tensors, *merge_args(n, 3, band, normalize=False, out_dtype=out_dtype))  # breadcrumbs_ties
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,15 +171,25 @@ def test_out_dtypes(out_dtype):
 # every engine setting
 
 
-@pytest.mark.parametrize("sparsifier", [0, 1, 2])
+@pytest.mark.parametrize("sparsifier", [0, 1, 2, 3])
 @pytest.mark.parametrize("sign_source,consensus,divisor,normalize",
                          list(itertools.product([0, 1], [0, 1, 2], [0, 1], [False, True])))
 def test_engine_settings(sparsifier, sign_source, consensus, divisor, normalize):
     base, tensors = make_inputs((1023, 17), model_dtypes("mixed", 3), torch.float32, seed=5)
-    thresholds = ref_sel.delta_topk_thresholds(base, tensors, [3000, 8000, 17391])
+    if sparsifier == 3:
+        thresholds = band_thresholds_ref(base, tensors, [(3000, 500), (8000, 0), (17391, 9000)])
+    else:
+        thresholds = ref_sel.delta_topk_thresholds(base, tensors, [3000, 8000, 17391])
     args = merge_args(3, sparsifier, thresholds, sign_source=sign_source, consensus=consensus, divisor=divisor,
                       normalize=normalize, lambda_=0.8)
     assert_merge(base, tensors, *args)
+
+
+def band_thresholds_ref(base, tensors, pairs):
+    """Reference (N, 4) band thresholds of explicit (k_a, k_b) pairs."""
+    a = ref_sel.delta_topk_thresholds(base, tensors, [p[0] for p in pairs])
+    b = ref_sel.delta_topk_thresholds(base, tensors, [p[1] for p in pairs])
+    return torch.cat([a, b], dim=1)
 
 
 def test_weights_summing_to_zero():
@@ -209,6 +237,60 @@ def test_bf16_ties_keep_exactly_k(numel):
     assert_norms(base, tensors, 1, ref_sel.delta_topk_thresholds(base, tensors, [1, numel // 2, numel]), [], 0)
 
 
+def band_mask(tensor, thresholds4):
+    """Model 0's band mask as the C++ merge applies it (one model, no base, weight 1): nonzero kept entries."""
+    out = ops.fused_merge(None, [tensor], 3, thresholds4, [1.0], 0, torch.ones(1), [1.0], 0, 0, 0, False, 1.0,
+                          torch.float32)
+    return out.reshape(-1) != 0
+
+
+@pytest.mark.parametrize("numel", [5000, 200_003])
+def test_band_ties_keep_exactly_the_band(numel):
+    """Few magnitude levels: both band edges cut through tie groups, across chunks and blocks; the C++ mask
+    equals the reference's bit for bit and keeps exactly k_a - k_b elements."""
+    _, models = make_inputs((numel,), model_dtypes("bf16", 2), None, seed=15, levels=5)
+    for m, (ka, kb) in enumerate([(numel // 2 + 17, numel // 7), (numel - 3, numel // 3 + 1)]):
+        t = models[m]
+        t[t == 0] = 0.0625  # no zero deltas, so the nonzero entries of the output are exactly the mask
+        th = assert_band_thresholds(None, [t], [(ka, kb)])
+        keys = ref_sel.magnitude_keys(t.float())
+        assert int((keys == int(th[0, 0])).sum()) > 1 and int((keys == int(th[0, 2])).sum()) > 1  # ties at both
+        want = ref.band_keep(keys, *(int(v) for v in th[0]))
+        assert int(want.sum()) == ka - kb
+        assert torch.equal(band_mask(t, th), want)
+        assert_norms(None, [t], 3, th, [], 0)
+
+
+def test_band_degenerate_thresholds():
+    """Rows that select everything (key < 0), nothing (key >= 2^31), one edge only, b above a (empty band), equal
+    edges, and edges on the same key with different cutoffs: the resolved C++ rules against the reference."""
+    gen = torch.Generator().manual_seed(16)
+    clean = torch.randint(1, 6, (10_000,), generator=gen).float() * 0.25  # no zeros, many ties
+    with_nan = clean.clone()
+    with_nan[::97] = float("nan")
+    k3 = int(ref_sel.magnitude_keys(torch.tensor([0.75]))[0])
+    rows = [
+        [-1, -1, KEEP_NONE, -1],          # everything
+        [-1, -1, k3, 4000],               # everything but the top part
+        [k3, 5000, KEEP_NONE, -1],        # plain top-k
+        [KEEP_NONE, -1, KEEP_NONE, -1],   # nothing (a selects nothing)
+        [k3, 5000, -1, -1],               # nothing (b selects everything)
+        [k3, 5000, k3, 5000],             # empty band: equal edges
+        [k3, 2000, k3, 5000],             # b above a: empty
+        [k3, 5000, k3, 2000],             # same key: the ties with index in (2000, 5000]
+        [k3 - 1, 100, k3, 9999],          # a key held by no element
+        [0, 0, 0x7F800001, 50],           # b: the NaNs up to index 50
+        [0x7FFFFFFF, 0, 0x7FFFFFFF, -1],  # keys just below KEEP_NONE
+    ]
+    keys = ref_sel.magnitude_keys(clean)
+    for row in rows:
+        th = torch.tensor([row], dtype=torch.int64)
+        assert torch.equal(band_mask(clean, th), ref.band_keep(keys, *row)), row
+        # with NaNs (key 0x7F800001): a kept NaN makes the kept l1 norm NaN, so the norms tell whether it is kept
+        assert_norms(None, [with_nan], 3, th, [], 0)
+        assert_merge(None, [with_nan], *merge_args(1, 3, th, consensus=0, normalize=False))
+
+
 @pytest.mark.parametrize("with_base", [False, True])
 def test_tie_groups_too_large_to_record(with_base):
     """Tie groups larger than the recorded bucket members (> 2^16 elements): the cutoff comes from the per-block
@@ -221,6 +303,31 @@ def test_tie_groups_too_large_to_record(with_base):
     assert top > 1 << 16
     assert_thresholds(base, tensors, [top, top + 12_345, numel])
     assert_thresholds(base, tensors, [numel - 1, 1, top - 1])
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_repeated_models(with_base):
+    """The same tensor listed several times (the band's 2N thresholds in one call) shares the first pass; every
+    row is still its own exact top-k, also when ties are cut by the per-block tie pass (groups > 2^16), for
+    non-contiguous views, and next to a different view of the same memory (not a repeat)."""
+    numel = 300_000
+    base, tensors = make_inputs((numel,), model_dtypes("bf16", 2), torch.bfloat16 if with_base else None, seed=17,
+                                levels=1)
+    a, b = tensors
+    keys = ref_sel.magnitude_keys(ref_sel.task_vector(base, a))
+    top = int((keys == keys.max()).sum())
+    assert top > 1 << 16
+    listed = [a, b, a, a, b, a]
+    assert_thresholds(base, listed, [top, numel // 2, top + 12_345, 0, numel, top - 7])
+    assert_thresholds(base, listed, [1, 0, numel, numel - 1, 5, 70_000])
+    gen = torch.Generator().manual_seed(18)
+    full = torch.randn(400, 31, generator=gen)
+    view = full.t()  # non-contiguous
+    other = full.reshape(31, 400)  # same memory, other strides: a different tensor
+    assert_thresholds(None, [view, other, view, view], [100, 200, 12_000, 5])
+    # a wrong tensor after repeats is named by its position in the list
+    with pytest.raises(RuntimeError, match=r"tensors\[3\] has shape"):
+        ops.delta_topk_thresholds(None, [view, view, view, torch.zeros(5)], [1, 1, 1, 1])
 
 
 def test_all_ties_kept_across_blocks():
@@ -324,9 +431,13 @@ def _run_all(base, tensors, ks):
     dare_norms = ops.delta_l1_norms(base, tensors, 2, thresholds, [0.4] * n, 5)
     ties = ops.fused_merge(base, tensors, *merge_args(n, 1, thresholds))
     dare = ops.fused_merge(base, tensors, *merge_args(n, 2, thresholds, consensus=2, out_dtype=torch.bfloat16))
+    both = ops.delta_topk_thresholds(base, list(tensors) * 2, list(ks) + [k // 3 for k in ks])
+    band = torch.cat([both[:n], both[n:]], dim=1)
+    band_norms = ops.delta_l1_norms(base, tensors, 3, band, [], 0)
+    crumbs = ops.fused_merge(base, tensors, *merge_args(n, 3, band))
     # bit patterns, so that NaNs compare equal
-    return thresholds, norms.view(torch.int64), dare_norms.view(torch.int64), ties.view(torch.int32), dare.view(
-        torch.int16)
+    return (thresholds, norms.view(torch.int64), dare_norms.view(torch.int64), ties.view(torch.int32),
+            dare.view(torch.int16), band, band_norms.view(torch.int64), crumbs.view(torch.int32))
 
 
 def test_thread_count_determinism():
@@ -386,3 +497,17 @@ def test_argument_errors():
         ops.delta_l1_norms(base, tensors, 2, torch.zeros(2, 2, dtype=torch.int64), [0.5], 0)
     with pytest.raises(RuntimeError, match="consensus"):
         ops.fused_merge(base, tensors, *merge_args(2, 0, torch.zeros(2, 2, dtype=torch.int64), consensus=3))
+    # thresholds are validated per sparsifier: magnitude (N, 2), band (N, 4)
+    two, four = torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"thresholds must have shape \(2, 4\) for sparsifier 3 \(band\)"):
+        ops.fused_merge(base, tensors, *merge_args(2, 3, two))
+    with pytest.raises(RuntimeError, match=r"thresholds must have shape \(2, 4\) for sparsifier 3"):
+        ops.delta_l1_norms(base, tensors, 3, torch.zeros(4, 2, dtype=torch.int64), [], 0)
+    with pytest.raises(RuntimeError, match=r"thresholds must have shape \(2, 2\) for sparsifier 1 \(magnitude\)"):
+        ops.fused_merge(base, tensors, *merge_args(2, 1, four))
+    with pytest.raises(RuntimeError, match="integer tensor"):
+        ops.fused_merge(base, tensors, *merge_args(2, 3, four.double()))
+    with pytest.raises(RuntimeError, match=r"sparsifier must be 0 \(none\), 1 \(magnitude\), 2 \(random\) or 3"):
+        ops.fused_merge(base, tensors, *merge_args(2, 4, four))
+    with pytest.raises(ValueError, match=r"thresholds must have shape \(2, 4\) for sparsifier 3 \(band\)"):
+        ref.fused_merge(base, tensors, *merge_args(2, 3, two))

@@ -10,7 +10,8 @@ pykernels.reference:
     histogram with the largest index per bin, per-chunk tie counts, in-chunk tie scan), bit-exact,
   * fused_merge: fused_merge_element() + store, bit-exact (the harness is compiled with -ffp-contract=off, the
     kernels need nvcc -fmad=false for the same guarantee),
-  * delta_l1_norms: keep_element() + |d| sums.
+  * delta_l1_norms: keep_element() + |d| sums,
+  * the sparsifier masks of keep_element() (magnitude threshold, random, band) element by element.
 Device-only parts (warp ballots, atomics, cub scans) are not exercised here; tools/check_cuda.sh compiles them.
 """
 from __future__ import annotations
@@ -102,9 +103,11 @@ int pk_topk(int n, int64_t numel, const void* base, int base_dtype, const void* 
       out[2 * m + 1] = -1;
       continue;
     }
-    // pass 1: top digit
+    // pass 1: top digit, counted on the histogram owner's data (a repeated buffer is counted once)
+    const int owner = histogram_owner(in, ks, m);
+    if (owner != m && (owner > m || ks[owner] == 0)) return -5;
     std::vector<uint64_t> hist_hi(kRadixHiBins, 0);
-    for (int64_t j = 0; j < numel; ++j) ++hist_hi[radix_hi(key_at(in, m, j))];
+    for (int64_t j = 0; j < numel; ++j) ++hist_hi[radix_hi(key_at(in, owner, j))];
     uint64_t r1 = 0;
     const int64_t bucket = block_find_rank(hist_hi, k, true, threads, &r1);
     if (bucket < 0) return -1;
@@ -193,6 +196,26 @@ void pk_l1_norms(int n, int64_t numel, const void* base, int base_dtype, const v
   }
 }
 
+// keep_element() of every model at every element (out: n x numel bytes), as the kernels evaluate it.
+void pk_keep_mask(int n, int64_t numel, const void* base, int base_dtype, const void* const* data, const int* dtypes,
+                  int sparsifier, const int64_t* thresholds, const double* keep_probs, int64_t seed, uint8_t* out) {
+  const DeltaInputs in = make_inputs(n, numel, base, base_dtype, data, dtypes);
+  const SparsifyArgs sparsify = make_sparsify_args(sparsifier, thresholds, keep_probs, seed, n);
+  for (int m = 0; m < n; ++m) {
+    for (int64_t j = 0; j < numel; ++j) {
+      out[m * numel + j] = keep_element(sparsify, m, load_delta(in, m, j, load_base(in, j)), j) ? 1 : 0;
+    }
+  }
+}
+
+int pk_threshold_columns(int sparsifier) { return threshold_columns(sparsifier); }
+
+void pk_histogram_owners(int n, int64_t numel, const void* base, int base_dtype, const void* const* data,
+                         const int* dtypes, const int64_t* ks, int* out) {
+  const DeltaInputs in = make_inputs(n, numel, base, base_dtype, data, dtypes);
+  for (int m = 0; m < n; ++m) out[m] = histogram_owner(in, ks, m);
+}
+
 void pk_philox(uint64_t seed, int64_t offset, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = philox_uniform(seed, offset + i);
 }
@@ -235,6 +258,12 @@ def lib(tmp_path_factory):
     h.pk_fused_merge.restype = None
     h.pk_l1_norms.argtypes = [i32, i64, p, i32, p, p, i32, p, p, i64, i64, p]
     h.pk_l1_norms.restype = None
+    h.pk_keep_mask.argtypes = [i32, i64, p, i32, p, p, i32, p, p, i64, p]
+    h.pk_keep_mask.restype = None
+    h.pk_threshold_columns.argtypes = [i32]
+    h.pk_threshold_columns.restype = i32
+    h.pk_histogram_owners.argtypes = [i32, i64, p, i32, p, p, p, p]
+    h.pk_histogram_owners.restype = None
     h.pk_philox.argtypes = [ctypes.c_uint64, i64, i64, p]
     h.pk_philox.restype = None
     h.pk_load.argtypes = [p, i32, i64, p]
@@ -418,6 +447,24 @@ def test_topk_tie_pass_is_exercised_and_exact(lib):
     assert torch.equal(got, ref_selection.delta_topk_thresholds(None, [x], [k_all]))
 
 
+def test_topk_repeated_buffers(lib):
+    """The band's 2N thresholds in one call: a buffer listed again is served by the pass-1 histogram of its first
+    listing with k > 0 (histogram_owner), and every row is still its own exact top-k."""
+    gen = torch.Generator().manual_seed(8)
+    base, (a, b) = _random_tensors(gen, 2, (3000,), [torch.bfloat16, torch.float32], torch.bfloat16, "ties")
+    listed = [a, b, a, b, a, a.float()]  # a.float(): another buffer (and dtype), its own histogram
+    cases = {(0, 700, 1500, 0, 2999, 10): [0, 1, 2, 1, 2, 5], (1200, 0, 1, 3000, 0, 1200): [0, 1, 0, 3, 0, 5],
+             (0,) * 6: [0, 1, 2, 3, 4, 5]}
+    for ks, owners in cases.items():
+        got, _ = host_topk(lib, base, listed, list(ks), threads=64, tie_chunk=256)
+        assert torch.equal(got, ref_selection.delta_topk_thresholds(base, listed, list(ks))), ks
+        inp = _Inputs(base, listed)
+        ks_t = torch.tensor(ks, dtype=torch.int64)
+        out = (ctypes.c_int * len(listed))()
+        lib.pk_histogram_owners(*inp.head(), _ptr(ks_t), out)
+        assert list(out) == owners, ks
+
+
 def test_topk_empty(lib):
     x = torch.empty(0)
     got, _ = host_topk(lib, x, [x, x], [0, 0])
@@ -428,6 +475,26 @@ def _thresholds(base, tensors, density):
     numel = tensors[0].numel()
     ks = [int(density * numel) for _ in tensors]
     return ref_selection.delta_topk_thresholds(base, tensors, ks)
+
+
+BAND_SETTINGS = [(0.3, 0.05), (0.5, 0.0), (1.0, 0.01), (0.2, 1.0), (0.0, 0.1), (0.6, 0.3)]
+
+
+def _band_thresholds(base, tensors):
+    """(N, 4) band thresholds (breadcrumbs) of mergekit's formula for a spread of (density, gamma)."""
+    n, numel = len(tensors), tensors[0].numel()
+    pairs = [ref_merging.band_counts(*BAND_SETTINGS[m % len(BAND_SETTINGS)], numel) for m in range(n)]
+    a = ref_selection.delta_topk_thresholds(base, tensors, [p[0] for p in pairs])
+    b = ref_selection.delta_topk_thresholds(base, tensors, [p[1] for p in pairs])
+    return torch.cat([a, b], dim=1)
+
+
+def _thresholds_for(sparsifier, base, tensors, density):
+    if sparsifier == 1:
+        return _thresholds(base, tensors, density)
+    if sparsifier == 3:
+        return _band_thresholds(base, tensors)
+    return torch.zeros(len(tensors), 2, dtype=torch.int64)
 
 
 MERGE_CASES = [
@@ -441,6 +508,9 @@ MERGE_CASES = [
     (2, 0, 1, 0, False, 1.0),  # dare_ties
     (2, 0, 0, 0, False, 1.3),  # dare_linear
     (2, 1, 2, 0, True, 1.0),
+    (3, 0, 0, 0, False, 1.0),  # breadcrumbs
+    (3, 0, 1, 0, False, 1.0),  # breadcrumbs_ties
+    (3, 1, 2, 1, True, 0.6),
 ]
 
 
@@ -455,7 +525,7 @@ def test_fused_merge_matches_reference(lib, mcase, dcase):
     ][dcase]
     gen = torch.Generator().manual_seed(mcase * 10 + dcase)
     base, tensors = _random_tensors(gen, n, shape, dtypes, base_dtype, pattern)
-    thresholds = _thresholds(base, tensors, 0.3) if sparsifier == 1 else torch.zeros(n, 2, dtype=torch.int64)
+    thresholds = _thresholds_for(sparsifier, base, tensors, 0.3)
     keep_probs = [0.3, 1.0, 0.9, 0.55][:n]
     weights = [0.5, -0.25, 1.0, 0.3][:n]
     if mcase == 2:
@@ -477,11 +547,11 @@ def test_fused_merge_matches_reference(lib, mcase, dcase):
         assert torch.equal(out[~nan].float(), expect[~nan].float()), out_dtype
 
 
-@pytest.mark.parametrize("sparsifier", [0, 1, 2])
+@pytest.mark.parametrize("sparsifier", [0, 1, 2, 3])
 def test_l1_norms_match_reference(lib, sparsifier):
     gen = torch.Generator().manual_seed(sparsifier)
     base, tensors = _random_tensors(gen, 3, (5000,), [torch.float32, torch.bfloat16], torch.float16, "gauss")
-    thresholds = _thresholds(base, tensors, 0.2)
+    thresholds = _thresholds_for(sparsifier, base, tensors, 0.2)
     keep_probs = [0.25, 1.0, 0.6]
     seed = 99
     expect = ref_merging.delta_l1_norms(base, tensors, sparsifier, thresholds, keep_probs, seed)
@@ -492,6 +562,54 @@ def test_l1_norms_match_reference(lib, sparsifier):
     torch.testing.assert_close(out, expect, rtol=1e-12, atol=0)
     if sparsifier == 0:
         assert torch.equal(out[:, 0], out[:, 1])
+
+
+def host_keep_mask(lib, base, tensors, sparsifier, thresholds, keep_probs, seed):
+    inp = _Inputs(base, tensors)
+    out = torch.empty(len(tensors), tensors[0].numel(), dtype=torch.uint8)
+    thr = thresholds.contiguous()
+    kp = torch.tensor(keep_probs, dtype=torch.float64)
+    lib.pk_keep_mask(*inp.head(), sparsifier, _ptr(thr), _ptr(kp), seed, _ptr(out))
+    return out.bool()
+
+
+@pytest.mark.parametrize("pattern", ["ties", "special", "gauss"])
+@pytest.mark.parametrize("sparsifier", [1, 2, 3])
+def test_keep_masks_match_reference(lib, sparsifier, pattern):
+    """keep_element() (the kernels' per-element mask) equals reference.merging.keep_of bit for bit."""
+    gen = torch.Generator().manual_seed(sparsifier * 7 + len(pattern))
+    n = 6
+    base, tensors = _random_tensors(gen, n, (3001,), [torch.bfloat16, torch.float32, torch.float16], torch.bfloat16,
+                                    pattern)
+    thresholds = _thresholds_for(sparsifier, base, tensors, 0.4)
+    keep_probs = [0.3, 1.0, 0.0, 0.55, 0.9, 0.1]
+    got = host_keep_mask(lib, base, tensors, sparsifier, thresholds, keep_probs, 77)
+    for m, t in enumerate(tensors):
+        d = ref_selection.task_vector(base, t)
+        want = ref_merging.keep_of(d, m, sparsifier, thresholds, keep_probs, 77)
+        assert torch.equal(got[m], want), m
+        if sparsifier == 3:
+            ka, kb = ref_merging.band_counts(*BAND_SETTINGS[m % len(BAND_SETTINGS)], t.numel())
+            assert int(got[m].sum()) == ka - kb
+
+
+def test_band_keep_degenerate_rows(lib):
+    """keep_by_band on rows selecting everything (key -1), nothing (2^32), b above a, equal edges, NaN keys."""
+    x = torch.tensor([0.5, -0.25, float("nan"), 0.5, 2.0, -0.5, float("inf"), 0.25, -2.0, 0.125, -0.0, 0.5])
+    key = int(ref_selection.magnitude_keys(torch.tensor([0.5]))[0])
+    rows = [[-1, -1, KEEP_NONE, -1], [-1, -1, key, 3], [key, 5, KEEP_NONE, -1], [KEEP_NONE, -1, -1, -1],
+            [key, 3, key, 5], [key, 5, key, 0], [key, 11, key, 3], [0, 0, 0x7F800001, 2],
+            [0x7F800000, 6, 0x7F800001, -1], [0, -1, 0, 10]]
+    thresholds = torch.tensor(rows, dtype=torch.int64)
+    tensors = [x] * len(rows)
+    got = host_keep_mask(lib, None, tensors, 3, thresholds, [1.0] * len(rows), 0)
+    keys = ref_selection.magnitude_keys(x)
+    for m, row in enumerate(rows):
+        assert torch.equal(got[m], ref_merging.band_keep(keys, *row)), row
+
+
+def test_threshold_columns(lib):
+    assert [lib.pk_threshold_columns(s) for s in range(5)] == [0, 2, 0, 4, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------

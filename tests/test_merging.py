@@ -15,6 +15,8 @@ METHOD_ARGS = {
     "ties": dict(densities=[0.5, 0.3, 0.2]),
     "dare_ties": dict(densities=[0.5, 0.3, 0.2], seed=7),
     "dare_linear": dict(densities=[0.5, 0.3, 0.2], seed=7),
+    "breadcrumbs": dict(densities=[0.5, 0.3, 0.9], gammas=[0.05, 0.2, 0.0]),
+    "breadcrumbs_ties": dict(densities=[0.6, 0.3, 0.2], gammas=0.1),
 }
 WEIGHTS = [0.5, 0.3, 0.7]
 
@@ -53,6 +55,8 @@ def models_for(shape, dtype, n=3, seed=0):
 def test_method_matches_reference(method, shape, dtype, backend):
     if backend == "triton" and shape == (4096, 11) and dtype != torch.float32:
         pytest.skip("interpreter time: the strided case runs in fp32 only")
+    if backend == "triton" and method.startswith("breadcrumbs") and shape == (1023, 17) and dtype != torch.float32:
+        pytest.skip("interpreter time: breadcrumbs in low precision runs in test_breadcrumbs_variants_match_reference")
     base, tensors = models_for(shape, dtype)
     expected = run(method, base, tensors, "reference", out_dtype=torch.float32)
     got = run(method, base, tensors, backend, out_dtype=torch.float32)
@@ -164,7 +168,7 @@ def test_dare_models_use_independent_streams():
 # --- NaN / Inf policy ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties"])
 def test_nonfinite_inputs_propagate(backend, method):
     base, tensors = make_models((50,), 3, torch.float32)
     tensors[1][3] = float("nan")
@@ -220,3 +224,194 @@ def test_env_var_picks_the_default_backend(monkeypatch):
 def test_sparsify_rejects_gamma_for_magnitude():
     with pytest.raises(ValueError, match="gamma and epsilon"):
         pk.sparsify(torch.ones(4), "magnitude", 0.5, gamma=0.1)
+
+
+# --- breadcrumbs (band sparsifier, mergekit's magnitude_outliers) ----------------------------------------
+
+def mergekit_outliers_mask(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit 0.1.5's magnitude_outliers mask built directly: sort |d| ascending and keep the positions
+    [n_bot, n_bot + target_n); equal magnitudes ordered so that the lower flat index counts as larger (the
+    engine's tie rule; NaN largest)."""
+    numel = d.numel()
+    if density >= 1:
+        return torch.ones(numel, dtype=torch.bool)
+    target_n = int(density * numel)
+    n_top = int(gamma * numel)
+    n_bot = max(0, numel - target_n - n_top)
+    w = d.float().reshape(-1).abs()
+    w = torch.where(torch.isnan(w), torch.tensor(float("inf")), w)
+    nan_rank = torch.isnan(d.float().reshape(-1)).to(torch.int64)  # NaN above +inf
+    index = torch.arange(numel)
+    # ascending by (|d|, NaN flag), ties: the higher index first (it counts as smaller)
+    order = sorted(range(numel), key=lambda i: (int(nan_rank[i]), float(w[i]), -int(index[i])))
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[order[n_bot:n_bot + target_n]] = True
+    return mask
+
+
+def _crumb_cases():
+    g = torch.Generator().manual_seed(21)
+    continuous = torch.randn(97, generator=g)
+    tied = (torch.randint(-3, 4, (120,), generator=g).float() * 0.25).to(torch.bfloat16)
+    special = torch.randint(-2, 3, (64,), generator=g).float()
+    special[[3, 17, 40]] = float("nan")
+    special[[5, 50]] = float("inf")
+    special[9] = -0.0
+    return {"continuous": continuous, "ties": tied, "nonfinite": special, "one": torch.tensor([2.5])}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", ["continuous", "ties", "nonfinite", "one"])
+def test_magnitude_outliers_equals_direct_sort_construction(backend, case):
+    x = _crumb_cases()[case]
+    settings = [(0.0, 0.01), (0.1, 0.01), (0.3, 0.05), (0.5, 0.0), (0.5, 0.5), (0.9, 0.2), (0.99, 0.02),
+                (0.2, 1.0), (1.0, 0.3), (0.5, 0.999)]
+    for density, gamma in settings:
+        want = mergekit_outliers_mask(x, density, gamma)
+        out = pk.sparsify(x, "magnitude_outliers", density, gamma=gamma, k_rule="floor", backend=backend)
+        assert out.dtype == x.dtype and out.shape == x.shape
+        kept = torch.where(want, x, torch.zeros((), dtype=x.dtype))
+        finite = torch.isfinite(x)
+        assert torch.equal(out[finite], kept[finite]), (density, gamma)
+        # non-finite inputs stay non-finite: kept as they are, or poisoned to NaN where dropped
+        assert not bool(torch.isfinite(out[~finite]).any())
+        torch.testing.assert_close(out[~finite & want], x[~finite & want], atol=0, rtol=0, equal_nan=True)
+
+
+def test_breadcrumbs_hand_computed():
+    base = torch.zeros(10)
+    t1 = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 2.0, 3.0, 0.1, 0.2, 0.3])
+    t2 = torch.tensor([-1.0, 4.0, 0.5, -0.25, 1.0, 0.125, -3.0, 2.0, -0.5, 0.75])
+    # density 0.3, gamma 0.1: target 3, n_top 1 -> drop the largest, keep the next 3 (ties: lower index first)
+    # t1: drop 3.0 (6); keep -2.0 (1), 2.0 (2), -2.0 (4); index 5 loses the tie at |2|
+    # t2: drop 4.0 (1); keep -3.0 (6), 2.0 (7), 1.0 (4)... |-1.0| (0) ties |1.0| (4): index 0 wins
+    s1 = torch.tensor([0.0, -2.0, 2.0, 0.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    s2 = torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -3.0, 2.0, 0.0, 0.0])
+    for backend in ("reference", "cpp"):
+        out = pk.merge(base, [t1, t2], "breadcrumbs", densities=0.3, gammas=0.1, weights=[1.0, 0.5],
+                       backend=backend)
+        torch.testing.assert_close(out, s1 + 0.5 * s2)
+        ties_out = pk.merge(base, [t1, t2], "breadcrumbs_ties", densities=0.3, gammas=0.1, backend=backend)
+        summed = s1 + s2
+        agree = lambda s: torch.where(torch.sign(s) == torch.where(summed >= 0, 1.0, -1.0), s, 0.0)
+        torch.testing.assert_close(ties_out, agree(s1) + agree(s2))  # normalize False: no division
+        torch.testing.assert_close(pk.merging.breadcrumbs(base, [t1, t2], densities=0.3, gammas=0.1,
+                                                          weights=[1.0, 0.5], backend=backend), out)
+        torch.testing.assert_close(pk.merging.breadcrumbs_ties(base, [t1, t2], densities=0.3, gammas=0.1,
+                                                               backend=backend), ties_out)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_breadcrumbs_defaults_follow_mergekit(backend):
+    """Defaults: density 1 keeps everything (task arithmetic, whatever gamma), gamma 0.01, no rescale, no
+    normalize; gamma 0 is a plain magnitude top-k (k_rule floor)."""
+    base, tensors = make_models((40, 25), 3, torch.float32, seed=4)
+    ta = pk.merge(base, tensors, "task_arithmetic", weights=WEIGHTS, backend="reference")
+    torch.testing.assert_close(pk.merge(base, tensors, "breadcrumbs", weights=WEIGHTS, backend=backend), ta)
+    torch.testing.assert_close(pk.merge(base, tensors, "breadcrumbs", weights=WEIGHTS, gammas=0.5,
+                                        rescale=True, backend=backend), ta)
+    explicit = pk.merge(base, tensors, "breadcrumbs", weights=WEIGHTS, densities=0.3, gammas=0.01, backend=backend)
+    torch.testing.assert_close(pk.merge(base, tensors, "breadcrumbs", weights=WEIGHTS, densities=0.3,
+                                        backend=backend), explicit, atol=0, rtol=0)
+    magnitude = pk.merge(base, tensors, "ties", weights=WEIGHTS, densities=0.3, consensus="none", normalize=False,
+                         k_rule="floor", backend=backend)
+    torch.testing.assert_close(pk.merge(base, tensors, "breadcrumbs", weights=WEIGHTS, densities=0.3, gammas=0.0,
+                                        k_rule="floor", backend=backend), magnitude, atol=0, rtol=0)
+    zero = pk.merge(base, tensors, "breadcrumbs", weights=WEIGHTS, densities=0.0, backend=backend)
+    torch.testing.assert_close(zero, base)
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("variant", ["rescale", "ties_in_bf16", "nonfinite", "no_base"])
+def test_breadcrumbs_variants_match_reference(backend, method, variant):
+    dtype = torch.bfloat16 if variant == "ties_in_bf16" else torch.float32
+    base, tensors = make_models((31, 29), 3, dtype, seed=9)
+    if variant == "ties_in_bf16":  # few levels: both band edges fall inside tie groups
+        g = torch.Generator().manual_seed(2)
+        tensors = [(base.float() + 0.25 * torch.randint(-3, 4, base.shape, generator=g)).to(dtype) for _ in tensors]
+    if variant == "nonfinite":
+        tensors[0][2, 3] = float("nan")
+        tensors[1][5, 5] = float("inf")
+        base[7, 1] = float("-inf")
+    if variant == "no_base":
+        base = None
+    kwargs = dict(weights=[0.5, -0.3, 0.7], densities=[0.4, 0.25, 0.6], gammas=[0.02, 0.3, 0.1],
+                  normalize=variant == "rescale", rescale=variant == "rescale", lambda_=0.9, out_dtype=torch.float32)
+    want = pk.merge(base, tensors, method, backend="reference", **kwargs)
+    got = pk.merge(base, tensors, method, backend=backend, **kwargs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_breadcrumbs_many_models_two_threshold_calls(backend):
+    """2N > 64: the band thresholds come from two delta_topk_thresholds calls instead of one."""
+    base, tensors = make_models((9, 7), 33, torch.float32, seed=12)
+    kwargs = dict(densities=[0.2 + 0.02 * i for i in range(33)], gammas=0.05, k_rule="floor")
+    want = pk.merge(base, tensors, "breadcrumbs_ties", backend="reference", **kwargs)
+    torch.testing.assert_close(pk.merge(base, tensors, "breadcrumbs_ties", backend=backend, **kwargs), want,
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_band_thresholds_are_two_topk_thresholds():
+    """The engine's (N, 4) thresholds: top (numel - n_bot) and top (numel - n_bot - target_n) of |d|."""
+    from pykernels.merging import _band_thresholds
+    from pykernels.reference import selection as ref_sel
+
+    base, tensors = make_models((50,), 3, torch.float32, seed=3)
+    densities, gammas = [0.3, 1.0, 0.9], [0.1, 0.2, 0.3]
+    th = _band_thresholds(pk._ops.primitives("reference"), base, tensors, densities, gammas, "floor")
+    assert th.shape == (3, 4) and th.dtype == torch.int64
+    # model 0: target 15, n_top 5, n_bot 30 -> top 20 minus top 5
+    assert th[0].tolist() == ref_sel.delta_topk_thresholds(base, [tensors[0]] * 2, [20, 5]).reshape(-1).tolist()
+    assert th[1].tolist() == [-1, -1, 1 << 32, -1]  # density 1: everything
+    # model 2: target 45, n_top 15 -> n_bot 0: top 50 (everything) minus top 5
+    assert th[2, :2].tolist() == [-1, -1]
+    assert th[2, 2:].tolist() == ref_sel.delta_topk_thresholds(base, [tensors[2]], [5])[0].tolist()
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_breadcrumbs_primitives_opcheck_and_compile(backend):
+    """The band calls are real operator calls: opcheck of the 2N-threshold call (repeated tensors) and of the band
+    norms / merge, and torch.compile(fullgraph=True) of a breadcrumbs_ties merge with l1 rescale."""
+    from pykernels import _ops
+    from pykernels.merging import _band_thresholds
+
+    base, tensors = make_models((33, 7), 2, [torch.float32, torch.bfloat16, torch.float32])
+    ops = _ops.primitives(backend)
+    th = _band_thresholds(ops, base, tensors, [0.5, 0.4], [0.1, 0.3], "strict")
+    torch.library.opcheck(ops.delta_topk_thresholds, (base, tensors + tensors, [100, 50, 10, 0]))
+    torch.library.opcheck(ops.delta_l1_norms, (base, tensors, 3, th, [0.5, 0.5], 3))
+    torch.library.opcheck(ops.fused_merge, (base, tensors, 3, th, [0.5, 0.5], 3, torch.ones(2), [0.3, 0.4], 0, 1, 0,
+                                            True, 0.9, torch.bfloat16))
+
+    def f(b, t1, t2):
+        return pk.merge(b, [t1, t2], "breadcrumbs_ties", densities=[0.5, 0.4], gammas=0.1, rescale=True,
+                        backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(base, *tensors), f(base, *tensors))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda b, t: pk.ties(b, t, densities=0.5, gammas=0.1), r"gammas apply to the breadcrumbs methods only"),
+    (lambda b, t: pk.task_arithmetic(b, t, gammas=[0.1, 0.1]), r"gammas apply to the breadcrumbs methods only"),
+    (lambda b, t: pk.merge(b, t, "breadcrumbs", densities=0.5, gammas=1.5),
+     r"gammas\[0\] must lie in \[0, 1\], got 1.5"),
+    (lambda b, t: pk.merge(b, t, "breadcrumbs", densities=0.5, gammas=[0.1, -0.2]),
+     r"gammas\[1\] must lie in \[0, 1\], got -0.2"),
+    (lambda b, t: pk.merge(b, t, "breadcrumbs_ties", densities=0.5, gammas=[0.1, float("nan")]),
+     r"gammas\[1\] must be finite, got nan"),
+    (lambda b, t: pk.merge(b, t, "breadcrumbs", densities=0.5, gammas=[0.1]), r"gammas has 1 entries but there are 2"),
+    (lambda b, t: pk.merge(b, t, "breadcrumbs", densities=[0.5, 1.2]), r"densities\[1\] must lie in \[0, 1\]"),
+    (lambda b, t: pk.merge(b[:1], [x[:1] for x in t], "breadcrumbs", densities=0.1), r"densities\[0\]=0.1 keeps no"),
+    (lambda b, t: pk.sparsify(t[0], "magnitude_outliers", 0.5, gamma=2.0), r"gamma must lie in \[0, 1\], got 2.0"),
+    (lambda b, t: pk.sparsify(t[0], "magnitude_outliers", 0.5, gamma=[0.1]), r"gamma must be a number"),
+    (lambda b, t: pk.sparsify(t[0], "magnitude_outliers", 0.5, epsilon=0.1), r"epsilon does not apply"),
+    (lambda b, t: pk.sparsify(t[0], "magnitude_outliers", 1.5), r"densities\[0\] must lie in \[0, 1\]"),
+    (lambda b, t: pk.sparsify(t[0], "breadcrumbs", 0.5), r"method must be one of .*magnitude_outliers"),
+])
+def test_breadcrumbs_argument_errors(call, match):
+    base, tensors = make_models((4, 5), 2, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(base, tensors)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pykernels as pk
-from conftest import make_models
+from conftest import backend_params, make_models
 from pykernels.reference.merging import random_keep
 
 WEIGHTS = [0.5, 0.3, 0.7]
@@ -56,6 +56,52 @@ def test_reference_equals_mergekit(merge_tensors, monkeypatch, method, extra):
         expected = merge_tensors([base] + tensors, method, parameters=params, base_index=0)
         got = pk.merge(base, tensors, method, backend="reference", **ours)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+
+
+GAMMAS = [0.05, 0.2, 0.01]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("extra", [{}, {"normalize": True, "lambda": 0.7}, {"rescale": True}],
+                         ids=["defaults", "normalize", "rescale"])
+def test_breadcrumbs_equals_mergekit(merge_tensors, method, extra, backend):
+    base, tensors = make_models((64, 37), 3, torch.float32, seed=3)
+    params = {"weight": WEIGHTS, "density": DENSITIES, "gamma": GAMMAS, **extra}
+    ours = {"weights": WEIGHTS, "densities": DENSITIES, "gammas": GAMMAS, "k_rule": "floor"}
+    if "normalize" in extra:
+        ours.update(normalize=True, lambda_=extra["lambda"])
+    if "rescale" in extra:
+        ours.update(rescale=True)
+    expected = merge_tensors([base] + tensors, method, parameters=params, base_index=0)
+    got = pk.merge(base, tensors, method, backend=backend, **ours)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+
+
+def test_breadcrumbs_mergekit_default_gamma(merge_tensors):
+    """Without gamma both tools use 0.01; without density both keep everything."""
+    base, tensors = make_models((50, 41), 2, torch.float32, seed=4)
+    for params, ours in [({"weight": [1.0, 0.5], "density": [0.4, 0.7]}, {"densities": [0.4, 0.7]}),
+                         ({"weight": [1.0, 0.5]}, {})]:
+        expected = merge_tensors([base] + tensors, "breadcrumbs_ties", parameters=params, base_index=0)
+        got = pk.merge(base, tensors, "breadcrumbs_ties", weights=[1.0, 0.5], k_rule="floor", backend="reference",
+                       **ours)
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("shape", [(64, 37), (1000,), (3,)])
+def test_magnitude_outliers_equals_mergekit(rescale, shape):
+    sparsify_mod = pytest.importorskip("mergekit.sparsify")
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(shape, generator=g)
+    norm = sparsify_mod.RescaleNorm.l1 if rescale else None
+    for density, gamma in [(0.1, 0.01), (0.3, 0.05), (0.5, 0.0), (0.8, 0.3), (0.4, 0.9), (1.0, 0.1), (0.0, 0.2),
+                           (0.99, 0.01)]:
+        expected = sparsify_mod.magnitude_outliers(delta, density, rescale_norm=norm, gamma=gamma)
+        got = pk.sparsify(delta, "magnitude_outliers", density, gamma=gamma, rescale=rescale, k_rule="floor",
+                          backend="reference")
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6, msg=f"density {density}, gamma {gamma}")
 
 
 @pytest.fixture

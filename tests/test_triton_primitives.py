@@ -29,16 +29,21 @@ from pykernels.reference import selection as refsel  # noqa: E402
 
 
 def _load_kernels():
+    """This checkout's kernels/merging.py: the installed pykernels.kernels when it is that file (an editable
+    install of this checkout), else the file itself (a source checkout without an install, or another checkout
+    of the same repository, e.g. a git worktree, whose editable install maps pykernels.kernels elsewhere)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "merging.py"
     try:
         from pykernels.kernels import merging as mod  # installed package (package_dir mapping)
-        return mod
+        if pathlib.Path(mod.__file__).resolve() == path:
+            return mod
     except ImportError:
-        # Source checkout without an install: load the file itself (never as a top-level `kernels` module).
-        path = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "merging.py"
-        spec = importlib.util.spec_from_file_location("_pykernels_triton_merging", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+        pass
+    # never as a top-level `kernels` module
+    spec = importlib.util.spec_from_file_location("_pykernels_triton_merging", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 K = _load_kernels()
@@ -192,14 +197,54 @@ def test_thresholds_many_models():
                            refsel.delta_topk_thresholds(base, tensors, ks))
 
 
+def test_thresholds_repeated_models(small_blocks):
+    """The band's 2N thresholds in one call: models listed several times (sharing the first pass) with
+    different k, ties cut across many tie chunks, non-contiguous repeats; errors name the listed index."""
+    base, tensors = make_inputs((33, 17), DTYPES["mixed"], 3, True, seed=6, ties=True)
+    numel = 561
+    for ks in ([400, numel, 0, 37, 1, 200], [123, 0, 560, 5, 300, 301]):
+        listed = tensors * 2
+        assert torch.equal(K.delta_topk_thresholds(base, listed, ks), refsel.delta_topk_thresholds(base, listed, ks))
+    a, b = tensors[0].t(), tensors[1].t()
+    assert not a.is_contiguous()
+    listed = [a, b, a, a]
+    ks = [100, 200, 500, 0]
+    assert torch.equal(K.delta_topk_thresholds(None, listed, ks), refsel.delta_topk_thresholds(None, listed, ks))
+    with pytest.raises(ValueError, match=r"tensors\[3\]"):
+        K.delta_topk_thresholds(None, [a, a, a, torch.zeros(5)], [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="len\\(tensors\\) <= 64"):
+        K.delta_topk_thresholds(None, [a] * 65, [1] * 65)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Band thresholds (sparsifier 3): (N, 4) = two top-k thresholds of each model
+# ----------------------------------------------------------------------------------------------------------
+BAND_SETTINGS = [(0.3, 0.05), (0.0, 0.1), (1.0, 0.01), (0.5, 0.0), (0.2, 1.0), (0.7, 0.2), (0.05, 0.5)]
+
+
+def band_thresholds(base, tensors, offset=0):
+    """Reference (N, 4) thresholds of mergekit's magnitude_outliers for a spread of (density, gamma)."""
+    n, numel = len(tensors), tensors[0].numel()
+    pairs = [ref.band_counts(*BAND_SETTINGS[(m + offset) % len(BAND_SETTINGS)], numel) for m in range(n)]
+    both = refsel.delta_topk_thresholds(base, list(tensors) * 2, [a for a, _ in pairs] + [b for _, b in pairs])
+    return torch.cat([both[:n], both[n:]], dim=1)
+
+
+def _thresholds_for(base, tensors, sparsifier, variant):
+    n, numel = len(tensors), tensors[0].numel()
+    if sparsifier == 1:
+        return refsel.delta_topk_thresholds(base, tensors, ks_for(numel, n, variant))
+    if sparsifier == 3:
+        return band_thresholds(base, tensors, variant)
+    return torch.zeros(n, 2, dtype=torch.int64)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # L1 norms
 # ----------------------------------------------------------------------------------------------------------
 def _norm_case(shape, dt, n, sparsifier, with_base=True, seed=0):
     base, tensors = make_inputs(shape, DTYPES[dt], n, with_base, seed=seed)
-    numel = tensors[0].numel()
-    ks = ks_for(numel, n, seed % 2)
-    thr = refsel.delta_topk_thresholds(base, tensors, ks) if sparsifier == 1 else torch.zeros(n, 2, dtype=torch.int64)
+    thr = _thresholds_for(base, tensors, sparsifier, seed % 2)
     probs = [0.3, 1.0, 0.0, 0.7][:n] if n <= 4 else [0.5] * n
     got = K.delta_l1_norms(base, tensors, sparsifier, thr, probs, 1234)
     want = ref.delta_l1_norms(base, tensors, sparsifier, thr, probs, 1234)
@@ -208,7 +253,7 @@ def _norm_case(shape, dt, n, sparsifier, with_base=True, seed=0):
     return got
 
 
-@pytest.mark.parametrize("sparsifier", [0, 1, 2])
+@pytest.mark.parametrize("sparsifier", [0, 1, 2, 3])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_norms_match_reference(sparsifier, shape):
     for dt, n, with_base in [("mixed", 3, True), ("bf16", 1, False)]:
@@ -216,7 +261,7 @@ def test_norms_match_reference(sparsifier, shape):
 
 
 def test_norms_multi_chunk_deterministic(small_blocks):
-    for sparsifier in (0, 1, 2):
+    for sparsifier in (0, 1, 2, 3):
         a = _norm_case((64, 11), "mixed", 3, sparsifier, seed=4)
         b = _norm_case((64, 11), "mixed", 3, sparsifier, seed=4)
         assert torch.equal(a, b)
@@ -227,11 +272,7 @@ def test_norms_multi_chunk_deterministic(small_blocks):
 # ----------------------------------------------------------------------------------------------------------
 def _merge_args(base, tensors, sparsifier, seed=42, weights=None, ks_variant=0):
     n = len(tensors)
-    numel = tensors[0].numel()
-    if sparsifier == 1:
-        thr = refsel.delta_topk_thresholds(base, tensors, ks_for(numel, n, ks_variant))
-    else:
-        thr = torch.zeros(n, 2, dtype=torch.int64)
+    thr = _thresholds_for(base, tensors, sparsifier, ks_variant)
     probs = ([0.4, 1.0, 0.8, 0.0] * 16)[:n]
     if sparsifier == 2:
         scales = torch.tensor([1.0 / p if p > 0 else 1.0 for p in probs], dtype=torch.float32)
@@ -254,7 +295,7 @@ def _check_merge(base, tensors, sparsifier, sign_source, consensus, divisor, nor
     return got
 
 
-@pytest.mark.parametrize("sparsifier", [0, 1, 2])
+@pytest.mark.parametrize("sparsifier", [0, 1, 2, 3])
 @pytest.mark.parametrize("consensus", [0, 1, 2])
 @pytest.mark.parametrize("sign_source", [0, 1])
 @pytest.mark.parametrize("divisor", [0, 1])
@@ -268,7 +309,7 @@ def test_merge_engine_codes(sparsifier, consensus, sign_source, divisor, normali
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_merge_shapes_dtypes(shape, dt):
     out_dtype = DTYPES[dt][-1]
-    for n, with_base, sparsifier, consensus in [(1, True, 1, 1), (3, True, 2, 2), (3, False, 1, 0)]:
+    for n, with_base, sparsifier, consensus in [(1, True, 1, 1), (3, True, 2, 2), (3, False, 1, 0), (3, True, 3, 1)]:
         base, tensors = make_inputs(shape, DTYPES[dt], n, with_base, seed=n + sparsifier)
         _check_merge(base, tensors, sparsifier, 0, consensus, 0, True, 1.0, out_dtype)
         _check_merge(base, tensors, sparsifier, 1, consensus, 1, False, 0.5, torch.float32)
@@ -276,8 +317,39 @@ def test_merge_shapes_dtypes(shape, dt):
 
 def test_merge_multi_block(small_blocks):
     base, tensors = make_inputs((64, 11), DTYPES["mixed"], 3, True, seed=8, ties=True)
-    for sparsifier, consensus in [(1, 1), (2, 2), (0, 0)]:
+    for sparsifier, consensus in [(1, 1), (2, 2), (0, 0), (3, 1), (3, 0)]:
         _check_merge(base, tensors, sparsifier, 0, consensus, 0, True, 0.9, torch.bfloat16, ks_variant=1)
+
+
+def test_band_masks_with_ties(small_blocks):
+    """Band edges inside tie groups spread over many programs: the Triton mask is the reference's bit for bit
+    (one model, no base, weight 1: the nonzero outputs are the mask) and keeps exactly k_a - k_b elements."""
+    gen = torch.Generator().manual_seed(11)
+    t = (torch.randint(1, 5, (300,), generator=gen).to(torch.float32) / 8).to(torch.bfloat16)  # no zeros
+    keys = refsel.magnitude_keys(t.float())
+    for ka, kb in [(150, 37), (300, 299), (299, 1), (100, 0), (300, 0), (50, 50), (0, 0), (200, 210)]:
+        both = refsel.delta_topk_thresholds(None, [t, t], [ka, kb])
+        thr = both.reshape(1, 4)
+        want = ref.band_keep(keys, *(int(v) for v in thr[0]))
+        assert int(want.sum()) == max(ka - kb, 0)
+        out = K.fused_merge(None, [t], 3, thr, None, 0, torch.ones(1), [1.0], 0, 0, 0, False, 1.0, torch.float32)
+        assert torch.equal(out != 0, want)
+        torch.testing.assert_close(K.delta_l1_norms(None, [t], 3, thr, None, 0),
+                                   ref.delta_l1_norms(None, [t], 3, thr, None, 0), rtol=1e-12, atol=1e-12)
+
+
+def test_band_degenerate_rows():
+    """Rows selecting everything (key -1), nothing (2^32), b above a, and NaN keys, against the reference."""
+    x = torch.tensor([0.5, -0.25, float("nan"), 0.5, 2.0, -0.5, float("inf"), 0.25, -2.0, 0.125])
+    key = int(refsel.magnitude_keys(torch.tensor([0.5]))[0])
+    rows = [[-1, -1, 1 << 32, -1], [-1, -1, key, 3], [key, 5, 1 << 32, -1], [1 << 32, -1, -1, -1],
+            [key, 3, key, 5], [key, 5, key, 0], [0, 0, 0x7F800001, 2], [0x7F800000, 6, 0x7F800001, -1]]
+    for row in rows:
+        thr = torch.tensor([row, row[2:] + row[:2]], dtype=torch.int64)
+        args = (None, [x, -x], 3, thr, None, 0, torch.ones(2), [1.0, 0.5], 0, 1, 0, False, 1.0, torch.float32)
+        assert_same(K.fused_merge(*args), ref.fused_merge(*args))
+        torch.testing.assert_close(K.delta_l1_norms(None, [x, -x], 3, thr, None, 0),
+                                   ref.delta_l1_norms(None, [x, -x], 3, thr, None, 0), equal_nan=True)
 
 
 def test_merge_static_divisor_guard():
@@ -291,7 +363,7 @@ def test_merge_static_divisor_guard():
 def test_merge_many_models():
     for n in (9, 64):
         base, tensors = make_inputs((6, 5), DTYPES["mixed"], n, True, seed=n)
-        for sparsifier, consensus in [(1, 1), (2, 2), (0, 0)]:
+        for sparsifier, consensus in [(1, 1), (2, 2), (0, 0), (3, 1)]:
             _check_merge(base, tensors, sparsifier, 0, consensus, 0, True, 0.7, torch.float32)
 
 
@@ -301,7 +373,7 @@ def test_merge_nonfinite_poisoning():
     t1 = torch.tensor([1.0, nan, 0.0, inf, 1.0, -inf, -3e38, 2.0, 0.5])
     t2 = torch.tensor([0.5, 2.0, 1.0, -inf, 0.0, 1.0, 3e38, 0.0, 0.25]).to(torch.bfloat16)
     tensors = [t1, t2]
-    for sparsifier in (0, 1, 2):
+    for sparsifier in (0, 1, 2, 3):
         for consensus in (0, 1, 2):
             for with_base in (True, False):
                 got = _check_merge(base if with_base else None, tensors, sparsifier, 0, consensus, 0, True, 1.0,
@@ -352,10 +424,21 @@ def test_argument_checks():
         K.delta_topk_thresholds(None, [x], [1, 2])
     with pytest.raises(TypeError):
         K.delta_topk_thresholds(None, [x.double()], [1])
-    with pytest.raises(ValueError):
-        K.delta_l1_norms(None, [x], 3, None, None, 0)
+    with pytest.raises(ValueError, match="unknown sparsifier code 4"):
+        K.delta_l1_norms(None, [x], 4, None, None, 0)
     with pytest.raises(ValueError):
         K.fused_merge(None, [x], 0, None, None, 0, torch.ones(1), [1.0], 0, 3, 0, True, 1.0, torch.float32)
+    # thresholds are validated per sparsifier: magnitude (N, 2), band (N, 4)
+    two, four = torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64)
+    merge_tail = (None, 0, torch.ones(1), [1.0], 0, 0, 0, False, 1.0, torch.float32)
+    with pytest.raises(ValueError, match=r"sparsifier 3 \(band\) needs thresholds of shape \(1, 4\)"):
+        K.delta_l1_norms(None, [x], 3, None, None, 0)
+    with pytest.raises(ValueError, match=r"thresholds must have shape \(1, 4\) for sparsifier 3 \(band\)"):
+        K.fused_merge(None, [x], 3, two, *merge_tail)
+    with pytest.raises(ValueError, match=r"thresholds must have shape \(1, 2\) for sparsifier 1 \(magnitude\)"):
+        K.fused_merge(None, [x], 1, four, *merge_tail)
+    with pytest.raises(ValueError, match=r"thresholds must have shape \(1, 4\)"):
+        K.delta_l1_norms(None, [x], 3, torch.zeros(2, 2, dtype=torch.int64), None, 0)
 
 
 def test_bf16_output_rounding():

@@ -1,7 +1,8 @@
 // Per-element building blocks of the CUDA merge kernels (csrc/cuda/merging.cu), written as PK_HD functions so
 // the host tests (tests/test_cuda_host_logic.py) run exactly this code against pykernels.reference:
 //   dtype codes and exact fp32/bf16/fp16 loads, round-to-nearest-even stores,
-//   d_mj = float32(t_m[j]) - float32(base[j]) loads, the sparsifier mask of one element,
+//   d_mj = float32(t_m[j]) - float32(base[j]) loads, the sparsifier mask of one element (none, magnitude top-k,
+//   random, band),
 //   and one output element of the fused merge (merge_element() of common/merge_math.h).
 #pragma once
 #include <cstdint>
@@ -133,10 +134,21 @@ PK_HD float load_delta(const DeltaInputs& in, int m, int64_t j, float b) {
   return in.base != nullptr ? t - b : t;
 }
 
+// delta_topk_thresholds: the model whose top-16-bit histogram (pass 1) serves model m (ks: n selection sizes).
+// A buffer listed more than once (the band sparsifier asks for two top-k sizes of every model in one call) is
+// counted once, by its first listing with k > 0; every other model is its own owner.
+inline int histogram_owner(const DeltaInputs& in, const int64_t* ks, int m) {
+  for (int o = 0; o < m; ++o) {
+    if (ks[o] > 0 && in.data[o] == in.data[m] && in.dtype[o] == in.dtype[m]) return o;
+  }
+  return m;
+}
+
 // The sparsifier of every model, as fused_merge / delta_l1_norms receive it.
 struct SparsifyArgs {
   int sparsifier;               // Sparsifier code
-  const int64_t* thresholds;    // (n, 2) row-major (key, cutoff); read only when sparsifier == kMagnitude
+  const int64_t* thresholds;    // (n, threshold_columns(sparsifier)) row-major: (key, cutoff) for kMagnitude,
+                                // (key_a, cutoff_a, key_b, cutoff_b) for kBand; nullptr for the others
   uint64_t keep_all;            // bit m: keep_probs[m] >= 1 (random sparsifier keeps everything)
   float keep_prob[kMaxModels];  // (float)keep_probs[m]
   uint64_t seed[kMaxModels];    // model_seed(seed, m)
@@ -144,6 +156,10 @@ struct SparsifyArgs {
 
 PK_HD bool keep_element(const SparsifyArgs& s, int m, float d, int64_t j) {
   if (s.sparsifier == kMagnitude) return keep_by_threshold(d, j, s.thresholds[2 * m], s.thresholds[2 * m + 1]);
+  if (s.sparsifier == kBand) {
+    const int64_t* t = s.thresholds + 4 * m;
+    return keep_by_band(d, j, t[0], t[1], t[2], t[3]);
+  }
   if (s.sparsifier == kRandom) {
     if ((s.keep_all >> m) & 1u) return true;
     return philox_uniform(s.seed[m], j) < s.keep_prob[m];
@@ -152,12 +168,12 @@ PK_HD bool keep_element(const SparsifyArgs& s, int m, float d, int64_t j) {
 }
 
 // Host-side construction of SparsifyArgs from the op arguments (keep_probs: n doubles, read for kRandom only;
-// thresholds: the (n, 2) (key, cutoff) array the kernels read, for kMagnitude only).
+// thresholds: the (n, threshold_columns(sparsifier)) array the kernels read, for kMagnitude and kBand only).
 inline SparsifyArgs make_sparsify_args(int sparsifier, const int64_t* thresholds, const double* keep_probs,
                                        int64_t seed, int n) {
   SparsifyArgs s{};
   s.sparsifier = sparsifier;
-  s.thresholds = sparsifier == kMagnitude ? thresholds : nullptr;
+  s.thresholds = threshold_columns(sparsifier) > 0 ? thresholds : nullptr;
   s.keep_all = 0;
   if (sparsifier == kRandom) {
     for (int m = 0; m < n; ++m) {

@@ -11,7 +11,13 @@ constexpr int kMaxModels = 64;
 constexpr uint32_t kNanKey = 0x7F800001u;
 constexpr int64_t kKeepNone = int64_t(1) << 32;  // magnitude threshold above every key: keep nothing
 
-enum Sparsifier : int { kNoSparsify = 0, kMagnitude = 1, kRandom = 2 };
+enum Sparsifier : int { kNoSparsify = 0, kMagnitude = 1, kRandom = 2, kBand = 3 };
+
+// Columns of the int64 (n, columns) thresholds a sparsifier reads: (key, cutoff) for kMagnitude,
+// (key_a, cutoff_a, key_b, cutoff_b) for kBand; 0 for sparsifiers without thresholds.
+PK_HD int threshold_columns(int sparsifier) {
+  return sparsifier == kMagnitude ? 2 : sparsifier == kBand ? 4 : 0;
+}
 enum SignSource : int { kWeighted = 0, kUnweighted = 1 };
 enum Consensus : int { kNoConsensus = 0, kSum = 1, kCount = 2 };
 enum Divisor : int { kWeights = 0, kModelCount = 1 };  // kCount would clash with Consensus::kCount
@@ -30,6 +36,15 @@ PK_HD uint32_t magnitude_key(float x) {
 PK_HD bool keep_by_threshold(float d, int64_t index, int64_t key, int64_t cutoff) {
   const int64_t k = magnitude_key(d);
   return k > key || (k == key && index <= cutoff);
+}
+
+// Band membership (breadcrumbs, mergekit's magnitude_outliers): in the top-k of (key_a, cutoff_a) but not in
+// the top-k of (key_b, cutoff_b), i.e. above(a) && !above(b) with above = keep_by_threshold.
+PK_HD bool keep_by_band(float d, int64_t index, int64_t key_a, int64_t cutoff_a, int64_t key_b, int64_t cutoff_b) {
+  const int64_t k = magnitude_key(d);
+  const bool above_a = k > key_a || (k == key_a && index <= cutoff_a);
+  const bool above_b = k > key_b || (k == key_b && index <= cutoff_b);
+  return above_a && !above_b;
 }
 
 PK_HD float sign_of(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }  // torch.sign (NaN -> 0)

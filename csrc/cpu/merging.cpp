@@ -62,33 +62,74 @@ namespace {
 
 // How model m's keep mask is decided, with the degenerate cases resolved once per call.
 struct KeepRule {
-  enum Kind { kAll, kNone, kThreshold, kRandom } kind = kAll;
-  uint32_t key = 0;  // kThreshold: keep mkey > key, or mkey == key at index <= cutoff
+  enum Kind { kAll, kNone, kThreshold, kRandom, kBand } kind = kAll;
+  uint32_t key = 0;  // kThreshold: keep mkey > key, or mkey == key at index <= cutoff ("above (key, cutoff)")
   int64_t cutoff = -1;
+  uint32_t key_b = 0;  // kBand: keep above (key, cutoff) and not above (key_b, cutoff_b)
+  int64_t cutoff_b = -1;
   uint64_t seed = 0;  // kRandom: keep philox_uniform(seed, j) < p
   float p = 1.f;
 };
 
+// One (key, cutoff) of keep_by_threshold as the set it selects: mkey lies in [0, 2^31), so a negative key
+// selects everything and a key >= 2^31 nothing.
+enum class Above { kAll, kNone, kSome };
+Above classify(int64_t key) { return key < 0 ? Above::kAll : key > 0x7FFFFFFF ? Above::kNone : Above::kSome; }
+
+KeepRule band_rule(int64_t key_a, int64_t cutoff_a, int64_t key_b, int64_t cutoff_b) {
+  KeepRule r;
+  const Above a = classify(key_a), b = classify(key_b);
+  if (a == Above::kNone || b == Above::kAll) {
+    r.kind = KeepRule::kNone;
+  } else if (b == Above::kNone) {  // a plain top-k (or everything): the magnitude rule, one threshold
+    r = a == Above::kAll ? KeepRule{} : KeepRule{KeepRule::kThreshold, static_cast<uint32_t>(key_a), cutoff_a};
+  } else {
+    r.kind = KeepRule::kBand;
+    // above(a) for every element when a selects everything: key 0 with every index counted as a tie
+    r.key = a == Above::kAll ? 0u : static_cast<uint32_t>(key_a);
+    r.cutoff = a == Above::kAll ? INT64_MAX : cutoff_a;
+    r.key_b = static_cast<uint32_t>(key_b);
+    r.cutoff_b = cutoff_b;
+  }
+  return r;
+}
+
 std::vector<KeepRule> keep_rules(int n, int64_t sparsifier, const at::Tensor& thresholds,
                                  at::ArrayRef<double> keep_probs, int64_t seed, const char* op) {
-  TORCH_CHECK(sparsifier >= 0 && sparsifier <= 2, op, ": sparsifier must be 0, 1 or 2 (got ", sparsifier, ")");
+  TORCH_CHECK(sparsifier >= kNoSparsify && sparsifier <= kBand, op,
+              ": sparsifier must be 0 (none), 1 (magnitude), 2 (random) or 3 (band) (got ", sparsifier, ")");
   std::vector<KeepRule> rules(n);
+  const int columns = threshold_columns(static_cast<int>(sparsifier));
+  if (columns > 0) {
+    TORCH_CHECK(thresholds.defined() && thresholds.dim() == 2 && thresholds.size(0) == n &&
+                    thresholds.size(1) == columns,
+                op, ": thresholds must have shape (", n, ", ", columns, ") for sparsifier ", sparsifier, " (",
+                sparsifier == kBand ? "band" : "magnitude", ") (got ",
+                thresholds.defined() ? thresholds.sizes() : at::IntArrayRef{}, ")");
+    TORCH_CHECK(!at::isFloatingType(thresholds.scalar_type()) && !at::isComplexType(thresholds.scalar_type()), op,
+                ": thresholds must be an integer tensor (got ", thresholds.scalar_type(), ")");
+  }
   if (sparsifier == kMagnitude) {
-    TORCH_CHECK(thresholds.dim() == 2 && thresholds.size(0) == n && thresholds.size(1) == 2, op,
-                ": thresholds must have shape (", n, ", 2) (got ", thresholds.sizes(), ")");
     const at::Tensor t = thresholds.to(at::kCPU, at::kLong).contiguous();
     const int64_t* rows = t.data_ptr<int64_t>();
     for (int m = 0; m < n; ++m) {
       const int64_t key = rows[2 * m], cutoff = rows[2 * m + 1];
-      // mkey lies in [0, 2^31): a negative key keeps everything, a key >= 2^31 nothing (as keep_by_threshold).
-      if (key < 0) {
-        rules[m].kind = KeepRule::kAll;
-      } else if (key > 0x7FFFFFFF) {
-        rules[m].kind = KeepRule::kNone;
-      } else {
-        rules[m] = KeepRule{KeepRule::kThreshold, static_cast<uint32_t>(key), cutoff};
+      switch (classify(key)) {
+        case Above::kAll:
+          rules[m].kind = KeepRule::kAll;
+          break;
+        case Above::kNone:
+          rules[m].kind = KeepRule::kNone;
+          break;
+        case Above::kSome:
+          rules[m] = KeepRule{KeepRule::kThreshold, static_cast<uint32_t>(key), cutoff};
+          break;
       }
     }
+  } else if (sparsifier == kBand) {
+    const at::Tensor t = thresholds.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* rows = t.data_ptr<int64_t>();
+    for (int m = 0; m < n; ++m) rules[m] = band_rule(rows[4 * m], rows[4 * m + 1], rows[4 * m + 2], rows[4 * m + 3]);
   } else if (sparsifier == kRandom) {
     TORCH_CHECK(static_cast<int>(keep_probs.size()) == n, op, ": keep_probs must have ", n, " entries (got ",
                 keep_probs.size(), ")");
@@ -114,7 +155,14 @@ void with_keep_kind(KeepRule::Kind kind, Fn&& fn) {
       return fn(std::integral_constant<int, KeepRule::kThreshold>{});
     case KeepRule::kRandom:
       return fn(std::integral_constant<int, KeepRule::kRandom>{});
+    case KeepRule::kBand:
+      return fn(std::integral_constant<int, KeepRule::kBand>{});
   }
+}
+
+// j <= cutoff as a chunk-local int32 comparison i <= last: cutoff - start clamped to [-1, len].
+inline int32_t chunk_last(int64_t cutoff, int64_t start, int64_t len) {
+  return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(cutoff - start, -1), len));
 }
 
 // Model m's keep decision for the elements of one chunk; `uniforms` holds the chunk's Philox draws (kRandom).
@@ -122,8 +170,9 @@ template <int kKind>
 struct KeepTest {
   KeepTest(const KeepRule& rule, int64_t start, int64_t len, const float* uniforms)
       : key(rule.key),
-        // j <= cutoff as a chunk-local int32 comparison: cutoff - start clamped to [-1, len]
-        last(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(rule.cutoff - start, -1), len))),
+        last(chunk_last(rule.cutoff, start, len)),
+        key_b(rule.key_b),
+        last_b(chunk_last(rule.cutoff_b, start, len)),
         p(rule.p),
         u(uniforms) {}
 
@@ -132,11 +181,20 @@ struct KeepTest {
     if (kKind == KeepRule::kNone) return false;
     if (kKind == KeepRule::kRandom) return u[i] < p;
     const uint32_t k = mkey(d);
+    if (kKind == KeepRule::kBand) {
+      // above(key, last) <=> k >= key + (i > last) (no overflow: key < 2^31), so the band is
+      // lo <= k < hi with both bounds a key plus one where the index lies past its cutoff.
+      const uint32_t lo = key + static_cast<uint32_t>(i > last);
+      const uint32_t hi = key_b + static_cast<uint32_t>(i > last_b);
+      return (k >= lo) & (k < hi);
+    }
     return (k > key) | ((k == key) & (i <= last));
   }
 
   uint32_t key;
   int32_t last;
+  uint32_t key_b;  // kBand only
+  int32_t last_b;
   float p;
   const float* u;
 };
@@ -513,16 +571,106 @@ at::Tensor fused_merge(const c10::optional<at::Tensor>& base, at::TensorList ten
 
 // ------------------------------------------------------------------------------------------------------------
 
+// The same tensor listed more than once (the band sparsifier asks for two top-k sizes of every task vector in one
+// call): same data, dtype and strides.
+bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.scalar_type() == b.scalar_type() && a.strides() == b.strides() &&
+         a.sizes() == b.sizes() && a.device() == b.device();
+}
+
+// topk_thresholds (cpu/radix_select.h) of rows r = (model_of[r], ks[r]) where several rows may select from the same
+// model: pass 1 (the top-16-bit histogram) is computed once per distinct model and shared by its rows; passes 2 and
+// 3 run per row, all rows sharing each pass over the data.
+at::Tensor topk_thresholds_of_rows(const DeltaInputs& in, const std::vector<int>& model_of,
+                                   const std::vector<int64_t>& ks) {
+  const int rows_n = static_cast<int>(ks.size());
+  at::Tensor out = at::empty({rows_n, 2}, at::kLong);
+  auto rows = out.accessor<int64_t, 2>();
+  std::vector<ModelSelect> sel;
+  std::vector<int> row_of;  // sel entry -> output row
+  for (int r = 0; r < rows_n; ++r) {
+    rows[r][0] = kKeepNone;
+    rows[r][1] = -1;
+    if (ks[r] > 0) {
+      sel.push_back(ModelSelect{model_of[r], ks[r]});
+      row_of.push_back(r);
+    }
+  }
+  if (sel.empty()) return out;
+
+  {
+    std::vector<ModelSelect> distinct;  // one entry per model, for pass 1
+    std::vector<size_t> slot(sel.size());
+    for (size_t s = 0; s < sel.size(); ++s) {
+      size_t u = 0;
+      while (u < distinct.size() && distinct[u].model != sel[s].model) ++u;
+      if (u == distinct.size()) distinct.push_back(ModelSelect{sel[s].model, 0});
+      slot[s] = u;
+    }
+    const ThreadScratch scratch(kTotalSlot, distinct.size() * kHighBins * sizeof(int64_t));
+    int64_t* high = scratch.zeroed<int64_t>(distinct.size() * kHighBins);
+    high_histograms(in, distinct, high);
+    for (size_t s = 0; s < sel.size(); ++s) {
+      sel[s].high = bin_of_rank(high + slot[s] * kHighBins, kHighBins, sel[s].rank);
+    }
+  }
+
+  std::vector<size_t> cut_of;  // sel entries whose cutoff needs pass 3
+  std::vector<ModelSelect> cut;
+  {
+    const ThreadScratch scratch(kTotalSlot, sel.size() * kLowBins * sizeof(int64_t));
+    int64_t* low = scratch.zeroed<int64_t>(sel.size() * kLowBins);
+    BucketMembers members = low_histograms(in, sel, low);
+    for (size_t s = 0; s < sel.size(); ++s) {
+      const uint32_t bin = bin_of_rank(low + s * kLowBins, kLowBins, sel[s].rank);
+      sel[s].key = (sel[s].high << 16) | bin;
+      if (members.complete[s]) {
+        sel[s].cutoff = cut_from_members(members.lists[s], bin, sel[s].rank);
+      } else {
+        cut.push_back(sel[s]);
+        cut_of.push_back(s);
+      }
+    }
+  }
+  if (!cut.empty()) locate_cut_ties(in, cut);
+  for (size_t c = 0; c < cut.size(); ++c) sel[cut_of[c]].cutoff = cut[c].cutoff;
+  for (size_t s = 0; s < sel.size(); ++s) {
+    rows[row_of[s]][0] = sel[s].key;
+    rows[row_of[s]][1] = sel[s].cutoff;
+  }
+  return out;
+}
+
 at::Tensor delta_topk_thresholds(const c10::optional<at::Tensor>& base, at::TensorList tensors,
                                  at::IntArrayRef ks) {
   const char* op = "pykernels::delta_topk_thresholds";
-  const DeltaInputs in = make_delta_inputs(base, tensors, op);
-  TORCH_CHECK(static_cast<int>(ks.size()) == in.n(), op, ": ks must have one entry per model (", in.n(),
-              "), got ", ks.size());
+  TORCH_CHECK(ks.size() == tensors.size(), op, ": ks must have one entry per model (", tensors.size(), "), got ",
+              ks.size());
+  // Each distinct tensor is read (and made contiguous) once per pass, however often it is listed.
+  std::vector<at::Tensor> distinct;
+  std::vector<int> model_of(tensors.size());
+  for (size_t m = 0; m < tensors.size(); ++m) {
+    size_t u = 0;
+    while (u < distinct.size() && !same_tensor(distinct[u], tensors[m])) ++u;
+    if (u == distinct.size()) distinct.push_back(tensors[m]);
+    model_of[m] = static_cast<int>(u);
+  }
+  TORCH_CHECK(tensors.size() <= static_cast<size_t>(kMaxModels), op, ": at most ", kMaxModels,
+              " models are supported (got ", tensors.size(), ")");
+  const DeltaInputs in = [&]() -> DeltaInputs {
+    if (distinct.size() == tensors.size()) return make_delta_inputs(base, tensors, op);
+    try {
+      return make_delta_inputs(base, distinct, op);
+    } catch (const c10::Error&) {
+      make_delta_inputs(base, tensors, op);  // the same error, naming the tensor by its index in `tensors`
+      throw;
+    }
+  }();
   for (size_t m = 0; m < ks.size(); ++m) {
     TORCH_CHECK(ks[m] >= 0 && ks[m] <= in.numel, op, ": ks[", m, "] = ", ks[m], " is outside [0, ", in.numel, "]");
   }
-  return topk_thresholds(in, std::vector<int64_t>(ks.begin(), ks.end()));
+  const std::vector<int64_t> k(ks.begin(), ks.end());
+  return distinct.size() == tensors.size() ? topk_thresholds(in, k) : topk_thresholds_of_rows(in, model_of, k);
 }
 
 at::Tensor philox_uniform_op(int64_t seed, int64_t offset, int64_t n) {

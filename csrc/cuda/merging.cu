@@ -43,6 +43,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct TopkArgs {
   DeltaInputs in;
   uint64_t k[kMaxModels];
+  int hist_of[kMaxModels];  // histogram_owner(): the model whose pass-1 histogram serves model m
 };
 
 struct TopkLayout {
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(kHistThreads)
     topk_hist_hi_kernel(const __grid_constant__ TopkArgs a, uint64_t* __restrict__ hist_hi) {
   extern __shared__ uint32_t shared_hist[];
   const int m = blockIdx.y;
-  if (a.k[m] == 0) return;
+  if (a.k[m] == 0 || a.hist_of[m] != m) return;  // nothing to select, or a repeat served by its first listing
   unsigned long long* global_hist = reinterpret_cast<unsigned long long*>(hist_hi) + int64_t(m) * kRadixHiBins;
   if (kShared) {
     for (int i = threadIdx.x; i < kRadixHiBins; i += blockDim.x) shared_hist[i] = 0;
@@ -198,7 +199,8 @@ __global__ void __launch_bounds__(kFindThreads)
     return;
   }
   uint64_t remaining = 0;
-  const int64_t bucket = block_find_rank(hist_hi + int64_t(m) * kRadixHiBins, kRadixHiBins, k, true, &remaining);
+  const int64_t bucket =
+      block_find_rank(hist_hi + int64_t(a.hist_of[m]) * kRadixHiBins, kRadixHiBins, k, true, &remaining);
   if (threadIdx.x == 0) {
     if (bucket < 0) {  // impossible when k <= numel: report an invalid threshold rather than a plausible one
       state[m] = TopkState{kTopkDone, 0, 0, 0, 0};
@@ -425,6 +427,12 @@ int elementwise_blocks(int64_t numel, int threads, int sms) {
 
 bool valid_inputs(const DeltaInputs& in) { return in.n >= 1 && in.n <= kMaxModels && in.numel >= 0; }
 
+// A known sparsifier code, with the device thresholds it reads (magnitude: (n, 2), band: (n, 4)).
+bool valid_sparsify(const SparsifyArgs& s) {
+  if (s.sparsifier < kNoSparsify || s.sparsifier > kBand) return false;
+  return threshold_columns(s.sparsifier) == 0 || s.thresholds != nullptr;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
@@ -444,6 +452,7 @@ cudaError_t delta_topk_thresholds(const DeltaInputs& in, const int64_t* ks, void
     a.k[m] = static_cast<uint64_t>(k);
     any = any || k > 0;
   }
+  for (int m = 0; m < kMaxModels; ++m) a.hist_of[m] = m < in.n ? histogram_owner(in, ks, m) : m;
   uint64_t* hist_hi = at_offset<uint64_t>(workspace, layout.hist_hi);
   uint64_t* hist_lo = at_offset<uint64_t>(workspace, layout.hist_lo);
   uint64_t* last_lo = at_offset<uint64_t>(workspace, layout.last_lo);
@@ -514,7 +523,7 @@ cudaError_t delta_l1_norms(const DeltaInputs& in, const SparsifyArgs& sparsify, 
                            size_t workspace_bytes, double* out, cudaStream_t stream) {
   if (!valid_inputs(in)) return cudaErrorInvalidValue;
   if (workspace_bytes < delta_l1_workspace_bytes(in.n, in.numel)) return cudaErrorInvalidValue;
-  if (sparsify.sparsifier == kMagnitude && sparsify.thresholds == nullptr) return cudaErrorInvalidValue;
+  if (!valid_sparsify(sparsify)) return cudaErrorInvalidValue;
   const int64_t nchunks = ceil_div(in.numel, kL1Chunk);
   double* partials = static_cast<double*>(workspace);
   L1Args a;
@@ -534,7 +543,7 @@ cudaError_t fused_merge(const DeltaInputs& in, const SparsifyArgs& sparsify, con
                         void* out, int out_dtype, cudaStream_t stream) {
   if (!valid_inputs(in)) return cudaErrorInvalidValue;
   if (out_dtype != kFloat32 && out_dtype != kBFloat16 && out_dtype != kFloat16) return cudaErrorInvalidValue;
-  if (sparsify.sparsifier == kMagnitude && sparsify.thresholds == nullptr) return cudaErrorInvalidValue;
+  if (!valid_sparsify(sparsify)) return cudaErrorInvalidValue;
   if (in.numel == 0) return cudaSuccess;
   MergeKernelArgs a;
   a.in = in;

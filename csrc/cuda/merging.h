@@ -21,7 +21,8 @@ size_t delta_topk_workspace_bytes(int n, int64_t numel);
 // ks: host array of n values in [0, numel]. out: device int64 (n, 2) row-major (key, cutoff), written by the
 // kernels (k == 0 -> (2^32, -1)). Passes: top-16-bit histogram of all models, device-side bucket search,
 // low-16-bit histogram inside the bucket (+ largest index per low bin), device-side search, and only for the
-// models whose ties at the exact key are not all kept a per-chunk tie count + in-chunk search.
+// models whose ties at the exact key are not all kept a per-chunk tie count + in-chunk search. A buffer listed
+// more than once (same data pointer and dtype) gets one top-16-bit histogram (histogram_owner()).
 cudaError_t delta_topk_thresholds(const DeltaInputs& in, const int64_t* ks, void* workspace,
                                   size_t workspace_bytes, int64_t* out, cudaStream_t stream);
 
@@ -38,7 +39,8 @@ cudaError_t delta_l1_norms(const DeltaInputs& in, const SparsifyArgs& sparsify, 
 // settings: MergeSettings of common/fused_element.h (scales: a device float32 (n,) array; the weights travel in
 // the kernel parameters).
 // out: device buffer of in.numel elements of dtype out_dtype (a DTypeCode). sparsify.thresholds must be a
-// device pointer when sparsify.sparsifier == kMagnitude.
+// device pointer to (n, threshold_columns(sparsifier)) int64 when sparsify.sparsifier is kMagnitude (n, 2) or
+// kBand (n, 4). delta_l1_norms reads the same arguments.
 cudaError_t fused_merge(const DeltaInputs& in, const SparsifyArgs& sparsify, const MergeSettings& settings,
                         void* out, int out_dtype, cudaStream_t stream);
 

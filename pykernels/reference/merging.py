@@ -1,7 +1,8 @@
 """Reference task-vector sparsification and merging (DESIGN.md section 3), plain PyTorch, for clarity.
 
 Engine codes (shared with the C++, Triton and CUDA backends):
-  sparsifier  0 none, 1 magnitude (exact top-k thresholds), 2 random (Philox uniform u < p)
+  sparsifier  0 none, 1 magnitude (exact top-k thresholds), 2 random (Philox uniform u < p),
+              3 band (between two top-k thresholds: mergekit's magnitude_outliers, i.e. breadcrumbs)
   sign_source 0 weighted (elect on w_i * s_i), 1 unweighted (elect on s_i)
   consensus   0 none, 1 sum (sign of the sum), 2 count (sign of the sum of signs)
   divisor     0 weights (sum of agreeing weights), 1 count (number of agreeing models)
@@ -12,7 +13,9 @@ import torch
 
 from .selection import keep_mask, magnitude_keys, task_vector
 
-SPARSIFIERS = {"none": 0, "magnitude": 1, "random": 2}
+SPARSIFIERS = {"none": 0, "magnitude": 1, "random": 2, "band": 3}
+# Columns of the thresholds tensor (N, columns) each sparsifier reads; the others ignore thresholds.
+THRESHOLD_COLUMNS = {1: 2, 3: 4}
 SIGN_SOURCES = {"weighted": 0, "unweighted": 1}
 CONSENSUS = {"none": 0, "sum": 1, "count": 2}
 DIVISORS = {"weights": 0, "count": 1}
@@ -61,6 +64,39 @@ def random_keep(numel: int, p: float, seed: int, m: int) -> torch.Tensor:
     return u < torch.tensor(p, dtype=torch.float32)
 
 
+def band_counts(density: float, gamma: float, numel: int, target_n: int | None = None) -> tuple[int, int]:
+    """(k_a, k_b) of mergekit's magnitude_outliers as two magnitude top-k sizes: keep the top k_a minus the
+    top k_b, i.e. the ascending-sorted positions [n_bot, n_bot + target_n) with target_n = int(density*numel),
+    n_top = int(gamma*numel), n_bot = max(0, numel - target_n - n_top). `target_n` overrides int(density*numel)
+    (the engine's k_rule). Density >= 1 keeps everything (k_a = numel, k_b = 0)."""
+    if target_n is None:
+        target_n = numel if density >= 1 else int(density * numel)
+    target_n = min(max(target_n, 0), numel)
+    n_top = int(gamma * numel)
+    n_bot = max(0, numel - target_n - n_top)
+    return numel - n_bot, numel - n_bot - target_n
+
+
+def band_keep(keys: torch.Tensor, key_a: int, cutoff_a: int, key_b: int, cutoff_b: int) -> torch.Tensor:
+    """above(a) and not above(b), above(key, cutoff) = keys > key or (keys == key and index <= cutoff)."""
+    return keep_mask(keys, key_a, cutoff_a) & ~keep_mask(keys, key_b, cutoff_b)
+
+
+def check_thresholds(sparsifier: int, thresholds, n: int, op: str = "fused_merge") -> None:
+    """The thresholds a sparsifier reads: (N, 2) (key, cutoff) for magnitude, (N, 4) (key_a, cutoff_a, key_b,
+    cutoff_b) for band; none for the others."""
+    if sparsifier not in SPARSIFIERS.values():
+        raise ValueError(f"unknown sparsifier code {sparsifier}")
+    columns = THRESHOLD_COLUMNS.get(sparsifier)
+    if columns is None:
+        return
+    shape = None if thresholds is None else tuple(torch.as_tensor(thresholds).shape)
+    if shape != (n, columns):
+        name = {v: k for k, v in SPARSIFIERS.items()}[sparsifier]
+        raise ValueError(f"{op}: thresholds must have shape ({n}, {columns}) for sparsifier {sparsifier} ({name}), "
+                         f"got {shape}")
+
+
 def keep_of(d: torch.Tensor, m: int, sparsifier: int, thresholds, keep_probs, seed: int) -> torch.Tensor:
     if sparsifier == 0:
         return torch.ones(d.numel(), dtype=torch.bool)
@@ -69,11 +105,14 @@ def keep_of(d: torch.Tensor, m: int, sparsifier: int, thresholds, keep_probs, se
         return keep_mask(magnitude_keys(d), key, cutoff)
     if sparsifier == 2:
         return random_keep(d.numel(), float(keep_probs[m]), seed, m)
+    if sparsifier == 3:
+        return band_keep(magnitude_keys(d), *(int(v) for v in thresholds[m]))
     raise ValueError(f"unknown sparsifier code {sparsifier}")
 
 
 def delta_l1_norms(base, tensors, sparsifier, thresholds, keep_probs, seed) -> torch.Tensor:
     """float64 (N, 2): (sum |d_i|, sum |kept d_i|)."""
+    check_thresholds(sparsifier, thresholds, len(tensors), "delta_l1_norms")
     rows = []
     for m, t in enumerate(tensors):
         d = task_vector(base, t)
@@ -85,6 +124,7 @@ def delta_l1_norms(base, tensors, sparsifier, thresholds, keep_probs, seed) -> t
 def fused_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales, weights, sign_source,
                 consensus, divisor, normalize, lambda_, out_dtype) -> torch.Tensor:
     """out = base + lambda * (sum_i w_i s_i mask_i) / divisor, all arithmetic in float32, models in order."""
+    check_thresholds(sparsifier, thresholds, len(tensors), "fused_merge")
     sparsified = []
     for m, t in enumerate(tensors):
         d = task_vector(base, t)
