@@ -87,13 +87,15 @@ Inputs prepare_inputs(const std::optional<at::Tensor>& base, at::TensorList tens
 SparsifyArgs prepare_sparsify(int64_t sparsifier, const at::Tensor& thresholds, at::ArrayRef<double> keep_probs,
                               int64_t seed, int n, const at::Device& device, at::Tensor* owned_thresholds,
                               const char* op) {
-  TORCH_CHECK(sparsifier >= 0 && sparsifier <= 2, "pykernels.", op,
-              ": sparsifier must be 0 (none), 1 (magnitude) or 2 (random), got ", sparsifier);
+  TORCH_CHECK(sparsifier >= 0 && sparsifier <= 3, "pykernels.", op,
+              ": sparsifier must be 0 (none), 1 (magnitude), 2 (random) or 3 (band), got ", sparsifier);
   const int64_t* thresholds_dev = nullptr;
-  if (sparsifier == pykernels::kMagnitude) {
-    TORCH_CHECK(thresholds.defined() && thresholds.dim() == 2 && thresholds.size(0) == n && thresholds.size(1) == 2,
-                "pykernels.", op, ": thresholds must have shape (", n, ", 2), got ",
-                thresholds.defined() ? thresholds.sizes() : at::IntArrayRef{});
+  const int columns = pykernels::threshold_columns(static_cast<int>(sparsifier));  // 2 magnitude, 4 band
+  if (columns > 0) {
+    TORCH_CHECK(thresholds.defined() && thresholds.dim() == 2 && thresholds.size(0) == n &&
+                    thresholds.size(1) == columns,
+                "pykernels.", op, ": thresholds must have shape (", n, ", ", columns, ") for sparsifier ",
+                sparsifier, ", got ", thresholds.defined() ? thresholds.sizes() : at::IntArrayRef{});
     TORCH_CHECK(!at::isFloatingType(thresholds.scalar_type()) && !at::isComplexType(thresholds.scalar_type()),
                 "pykernels.", op, ": thresholds must be an integer tensor, got ", thresholds.scalar_type());
     *owned_thresholds = thresholds.to(device, at::kLong).contiguous();
