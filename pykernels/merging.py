@@ -4,8 +4,11 @@ Every merge is one streaming engine: an optional selection pass (exact magnitude
 norms for rescaling) and one merge pass that recomputes d_i = t_i - base in float32, applies the masks,
 elects signs and writes the output. No N-fold stack of task vectors is ever built.
 
-Peak extra memory: the output tensor, plus for the cpp backend per-thread 2^16-bin histograms per model and
-O(N) scalars; non-contiguous inputs are copied once to contiguous memory.
+DELLA is row-fused instead: each row of every model is ranked (a stable radix sort inside cache), kept with its
+rank-dependent probability and merged in the same pass. SCE streams over chunks (see `sce`).
+
+Peak extra memory: the output tensor, plus for the cpp backend per-thread 2^16-bin histograms per model (or
+row buffers for DELLA) and O(N) scalars; non-contiguous inputs are copied once to contiguous memory.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Sequence
 import torch
 
 from . import _backend, _ops
+from .reference import sce as ref_sce
 from .reference.merging import CONSENSUS, DIVISORS, SIGN_SOURCES, SPARSIFIERS, band_counts
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,8 +47,12 @@ METHODS = {
     "dare_linear": Preset(sparsifier="random", rescale="l1"),
     "breadcrumbs": Preset(sparsifier="band"),
     "breadcrumbs_ties": Preset(sparsifier="band", consensus="sum"),
+    "della": Preset(sparsifier="della", consensus="sum", normalize=True, rescale="l1"),
+    "della_linear": Preset(sparsifier="della", rescale="l1"),
+    "sce": Preset(sparsifier="variance", consensus="sum", normalize=True),
 }
 GAMMA_DEFAULT = 0.01  # mergekit's default share of the largest magnitudes breadcrumbs drops
+EPSILON_DEFAULT = 0.15  # mergekit's default half-width of DELLA's keep probabilities
 
 
 # --- argument checks: every message names the argument and the value ----------------------------------
@@ -99,6 +107,15 @@ def _check_densities(densities: list[float], name: str = "densities") -> None:
     for i, rho in enumerate(densities):
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"{name}[{i}] must lie in [0, 1], got {rho}")
+
+
+def _check_epsilons(epsilons: list[float], densities: list[float]) -> None:
+    for i, (eps, rho) in enumerate(zip(epsilons, densities)):
+        if eps < 0:
+            raise ValueError(f"epsilons[{i}] must be >= 0, got {eps}")
+        if 0 < rho < 1 and not (0 < rho - eps and rho + eps < 1):
+            raise ValueError(f"epsilons[{i}]={eps} with densities[{i}]={rho}: density +/- epsilon must lie in "
+                             f"(0, 1) (keep probabilities run from density - epsilon to density + epsilon)")
 
 
 def _topk_counts(densities: list[float], numel: int, k_rule: str) -> list[int]:
@@ -168,7 +185,11 @@ def _scales(ops, base, tensors, rescale, sparsifier_code, thresholds, densities,
         return torch.ones(n, dtype=torch.float32, device=device)
     if rescale == "inverse":
         return torch.tensor([1.0 / p if p > 0 else 1.0 for p in densities], dtype=torch.float32, device=device)
-    norms = ops.delta_l1_norms(base, tensors, sparsifier_code, thresholds, densities, seed)
+    return _l1_ratio(ops.delta_l1_norms(base, tensors, sparsifier_code, thresholds, densities, seed))
+
+
+def _l1_ratio(norms: torch.Tensor) -> torch.Tensor:
+    """Scale of the kept values from (sum |d|, sum |kept d|) rows."""
     before, after = norms[:, 0], norms[:, 1]
     # mergekit: skip the rescale when either norm is tiny; NaN norms fall through and propagate.
     skip = (before < 1e-7) | (after < 1e-7)
@@ -176,10 +197,10 @@ def _scales(ops, base, tensors, rescale, sparsifier_code, thresholds, densities,
 
 
 def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: str = "task_arithmetic", *,
-          weights=None, densities=None, gammas=None, normalize: bool | None = None, rescale=None,
+          weights=None, densities=None, gammas=None, epsilons=None, normalize: bool | None = None, rescale=None,
           lambda_: float = 1.0, seed: int = 0, consensus: str | None = None, sign_source: str = "weighted",
           divisor: str = "weights", k_rule: str = "strict", check_finite: bool = False, backend: str | None = None,
-          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+          out_dtype: torch.dtype | None = None, _prepared: dict | None = None) -> torch.Tensor:
     """Merge fine-tuned `tensors` into `base` with `method` (mergekit semantics; DESIGN.md section 3).
 
     Args:
@@ -194,8 +215,14 @@ def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: st
             (numel - n_bot - target); density >= 1 keeps everything. Ties at either edge are resolved like
             top-k: among equal magnitudes the lower flat index counts as larger (mergekit's unstable sort keeps
             an arbitrary subset).
+        epsilons: DELLA only (default 0.15): per-model half-width of the keep probabilities. Per row (a 1-D
+            tensor is one row; from 3-D on, rows run along dim 1, as in mergekit), the element of ascending
+            |d| rank r in 1..n (ties by index) is kept with probability p = (density - eps) +
+            2*eps*(r - 1)/(n - 1) (p = density - eps when n = 1), drawn from the seeded counter-based stream;
+            density +/- eps must lie in (0, 1).
         normalize: divide by the sum of (agreeing) weights; default per method.
-        rescale: False/"none", True/"l1" (mergekit: l1-norm matching), "inverse" (1/density, DARE paper/peft).
+        rescale: False/"none", True/"l1" (mergekit: l1-norm matching), "inverse" (1/density for DARE, 1/p for
+            DELLA, as in the papers and peft).
         consensus: sign election "sum", "count" or "none"; default per method.
         sign_source: elect signs on "weighted" (mergekit) or "unweighted" (peft) sparsified task vectors.
         divisor: normalize by the sum of agreeing "weights" (mergekit) or their "count" (peft).
@@ -213,6 +240,7 @@ def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: st
         raise ValueError(f"method {method!r} averages the tensors themselves: pass base=None")
     tensors = _check_tensors(base, tensors)
     n = len(tensors)
+    weights_given = weights is not None
     weights = _per_model(weights, n, "weights", 1.0)
     if preset.sparsifier == "none" and densities is not None:
         raise ValueError(f"densities have no effect with method {method!r}; leave them out")
@@ -222,6 +250,10 @@ def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: st
         raise ValueError(f"gammas apply to the breadcrumbs methods only, not to method {method!r}; leave them out")
     gammas = _per_model(gammas, n, "gammas", GAMMA_DEFAULT)
     _check_densities(gammas, "gammas")
+    if preset.sparsifier != "della" and epsilons is not None:
+        raise ValueError(f"epsilons apply to the DELLA methods only, not to method {method!r}; leave them out")
+    epsilons = _per_model(epsilons, n, "epsilons", EPSILON_DEFAULT)
+    _check_epsilons(epsilons, densities)
     if not math.isfinite(float(lambda_)):
         raise ValueError(f"lambda_ must be finite, got {lambda_}")
     _check_seed(seed)
@@ -241,30 +273,137 @@ def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: st
     if check_finite:
         _check_finite(base, tensors)
     backend = _backend.resolve(backend, ref.device)
-    return _run(_ops.primitives(backend), base, tensors, preset, weights, densities, float(lambda_), seed,
-                sign_source, divisor, k_rule, out_dtype, gammas)
+    ops = _ops.primitives(backend)
+    if preset.sparsifier == "variance":
+        _check_sce_arguments(weights_given, densities, lambda_, normalize, rescale, consensus, sign_source, divisor)
+        return _run_sce(ops, backend, base, tensors, densities, out_dtype)
+    if preset.sparsifier == "della":
+        return _run_della(ops, base, tensors, preset, weights, densities, epsilons, float(lambda_), seed,
+                          sign_source, divisor, out_dtype)
+    return _run(ops, base, tensors, preset, weights, densities, float(lambda_), seed, sign_source, divisor, k_rule,
+                out_dtype, gammas, _prepared or {})
 
 
 def _run(ops, base, tensors, preset: Preset, weights, densities, lambda_, seed, sign_source, divisor, k_rule,
-         out_dtype, gammas=None) -> torch.Tensor:
+         out_dtype, gammas=None, prepared=None) -> torch.Tensor:
+    """The selection pass (unless `prepared` holds model-wide thresholds / scales) and the fused merge."""
     device = tensors[0].device
     sparsifier = SPARSIFIERS[preset.sparsifier]
-    if preset.sparsifier == "magnitude":
+    prepared = prepared or {}
+    if "thresholds" in prepared:
+        thresholds = prepared["thresholds"]
+    elif preset.sparsifier == "magnitude":
         thresholds = ops.delta_topk_thresholds(base, tensors, _topk_counts(densities, tensors[0].numel(), k_rule))
     elif preset.sparsifier == "band":
         thresholds = _band_thresholds(ops, base, tensors, densities, gammas, k_rule)
     else:
         thresholds = torch.zeros((len(tensors), 2), dtype=torch.int64, device=device)
-    scales = _scales(ops, base, tensors, preset.rescale, sparsifier, thresholds, densities, seed, device)
+    scales = prepared.get("scales")
+    if scales is None:
+        scales = _scales(ops, base, tensors, preset.rescale, sparsifier, thresholds, densities, seed, device)
     return ops.fused_merge(base, tensors, sparsifier, thresholds, densities, seed, scales, weights,
                            SIGN_SOURCES[sign_source], CONSENSUS[preset.consensus], DIVISORS[divisor],
                            preset.normalize, lambda_, out_dtype)
+
+
+def _della_rows(t: torch.Tensor) -> torch.Tensor:
+    """The layout DELLA ranks in: rows along the last dim, except from 3-D on, where mergekit ranks along dim 1."""
+    return t.movedim(1, -1) if t.dim() >= 3 else t
+
+
+def _run_della(ops, base, tensors, preset: Preset, weights, densities, epsilons, lambda_, seed, sign_source, divisor,
+               out_dtype) -> torch.Tensor:
+    """Row-fused DELLA: ranks, rank-dependent keep, rescale and merge in one pass (an l1 rescale adds a pass)."""
+    rows_base = _della_rows(base) if base is not None else None
+    rows = [_della_rows(t) for t in tensors]
+    if preset.rescale == "l1":
+        scales = _l1_ratio(ops.della_l1_norms(rows_base, rows, densities, epsilons, seed))
+    else:
+        scales = torch.ones(len(tensors), dtype=torch.float32, device=tensors[0].device)
+    out = ops.della_merge(rows_base, rows, densities, epsilons, seed, preset.rescale == "inverse", scales, weights,
+                          SIGN_SOURCES[sign_source], CONSENSUS[preset.consensus], DIVISORS[divisor], preset.normalize,
+                          lambda_, out_dtype)
+    return out.movedim(-1, 1).contiguous() if tensors[0].dim() >= 3 else out
+
+
+SCE_CHUNK = 1 << 20  # elements per chunk of the streaming SCE passes
+
+
+def _check_sce_arguments(weights_given, densities, lambda_, normalize, rescale, consensus, sign_source, divisor):
+    if weights_given:
+        raise ValueError("method 'sce' computes its own weights (mean squared selected task vectors); leave out "
+                         "weights")
+    if (lambda_ != 1.0 or normalize is not None or rescale is not None or consensus is not None
+            or sign_source != "weighted" or divisor != "weights"):
+        raise ValueError("method 'sce' takes only densities (mergekit's select_topk, one value for all models); "
+                         "leave out lambda_, normalize, rescale, consensus, sign_source and divisor")
+    if any(rho != densities[0] for rho in densities):
+        raise ValueError(f"method 'sce' selects one shared set of elements: give one density, got {densities}")
+
+
+def _run_sce(ops, backend, base, tensors, densities, out_dtype) -> torch.Tensor:
+    """SCE in chunks of SCE_CHUNK elements: (1) variance histograms and the non-zero count, (2) the refine pass
+    of the exact top-k variance threshold, (3) weights from the selected task vectors, (4) the merge through
+    the fused engine on the selected task vectors. Extra memory: the output plus a few chunks."""
+    density = densities[0]
+    if backend == "reference":
+        return ref_sce.sce_merge(base, tensors, density, out_dtype)
+    from .selection import StreamingThreshold
+
+    flat_base = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    numel, n = flat_base.numel(), len(tensors)
+    bounds = [(s, min(s + SCE_CHUNK, numel)) for s in range(0, numel, SCE_CHUNK)]
+
+    def deltas(c: int) -> list[torch.Tensor]:
+        s, e = bounds[c]
+        return [t[s:e].float() - flat_base[s:e].float() for t in flats]
+
+    keep_of = lambda c, ds: None  # noqa: E731  (density >= 1: every element)
+    if density <= 0:
+        keep_of = lambda c, ds: torch.zeros_like(ds[0], dtype=torch.bool)  # noqa: E731
+    elif density < 1:
+        stream = StreamingThreshold(0, abs=True, nan="largest", backend=backend)
+        nonzero = 0
+        for c in range(len(bounds)):
+            var = ref_sce.variance(deltas(c))
+            stream.update(var)
+            nonzero += int(torch.count_nonzero(var))
+        threshold = stream.resolve(lambda c: ref_sce.variance(deltas(c)),
+                                   k=ref_sce.selected_count(nonzero, density))
+        keep_of = lambda c, ds: threshold.mask(ref_sce.variance(ds), c)  # noqa: E731
+
+    def selected(c: int) -> list[torch.Tensor]:
+        ds = deltas(c)
+        keep = keep_of(c, ds)
+        return ds if keep is None else [torch.where(keep, d, torch.zeros((), dtype=d.dtype)) for d in ds]
+
+    squares = [0.0] * n
+    for c in range(len(bounds)):
+        for i, s in enumerate(selected(c)):
+            squares[i] += float(s.double().square().sum())
+    weights = ref_sce.weights_of(squares, numel)
+
+    out = torch.empty(numel, dtype=out_dtype, device=flat_base.device)
+    no_thresholds = torch.zeros((n, 2), dtype=torch.int64, device=flat_base.device)
+    ones = torch.ones(n, dtype=torch.float32, device=flat_base.device)
+    for c, (s, e) in enumerate(bounds):
+        mixed = ops.fused_merge(None, selected(c), 0, no_thresholds, [1.0] * n, 0, ones, weights,
+                                ref_sce.SIGN_UNWEIGHTED, ref_sce.CONSENSUS_SUM, ref_sce.DIVISOR_WEIGHTS, True, 1.0,
+                                torch.float32)
+        merged = flat_base[s:e].float() + mixed
+        bad = ~torch.isfinite(flat_base[s:e])
+        for t in flats:
+            bad |= ~torch.isfinite(t[s:e])
+        out[s:e] = torch.where(bad & torch.isfinite(merged), float("nan"), merged)
+    return out.reshape(tensors[0].shape)
 
 
 _SPARSIFY_METHODS = {  # method: (engine sparsifier, default rescale)
     "magnitude": ("magnitude", "none"),
     "random": ("random", "inverse"),
     "magnitude_outliers": ("band", "none"),
+    "della": ("della", "inverse"),
 }
 
 
@@ -275,16 +414,19 @@ def sparsify(delta: torch.Tensor, method: str, density: float, *, gamma: float |
     "magnitude_outliers" (breadcrumbs: drop the top int(gamma*numel) magnitudes, keep the next
     int(density*numel); gamma defaults to mergekit's 0.01; see merge()'s gammas for the exact rule).
 
-    rescale defaults to "none" for magnitude and magnitude_outliers and "inverse" (1/density) for random.
-    epsilon belongs to DELLA, which is not available here.
+    or "della" (per-row rank-dependent random keep; epsilon defaults to mergekit's 0.15; see merge()'s
+    epsilons for the exact rule).
+
+    rescale defaults to "none" for magnitude and magnitude_outliers, and "inverse" for random (1/density) and
+    della (1/p).
     """
     if method not in _SPARSIFY_METHODS:
         raise ValueError(f"method must be one of {tuple(_SPARSIFY_METHODS)}, got {method!r}")
     sparsifier, default_rescale = _SPARSIFY_METHODS[method]
-    if sparsifier == "band" and epsilon is not None:
-        raise ValueError(f"epsilon does not apply to method {method!r} (it takes gamma)")
-    if sparsifier != "band" and (gamma is not None or epsilon is not None):
-        raise ValueError(f"gamma and epsilon do not apply to method {method!r}")
+    if sparsifier != "della" and epsilon is not None:
+        raise ValueError(f"epsilon applies to method 'della' only, not to {method!r}")
+    if sparsifier != "band" and gamma is not None:
+        raise ValueError(f"gamma applies to method 'magnitude_outliers' only, not to {method!r}")
     tensors = _check_tensors(None, [delta])
     densities = _per_model([density], 1, "density", 1.0)
     _check_densities(densities)
@@ -299,6 +441,13 @@ def sparsify(delta: torch.Tensor, method: str, density: float, *, gamma: float |
     _check_seed(seed)
     preset = Preset(sparsifier=sparsifier, rescale=_rescale_name(rescale, default_rescale))
     ops = _ops.primitives(_backend.resolve(backend, delta.device))
+    if sparsifier == "della":
+        if isinstance(epsilon, (torch.Tensor, Sequence)):
+            raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__}")
+        epsilons = [float(epsilon) if epsilon is not None else EPSILON_DEFAULT]
+        _check_epsilons(epsilons, densities)
+        return _run_della(ops, None, tensors, preset, [1.0], densities, epsilons, 1.0, seed, "weighted", "weights",
+                          delta.dtype)
     return _run(ops, None, tensors, preset, [1.0], densities, 1.0, seed, "weighted", "weights", k_rule, delta.dtype,
                 gammas)
 
@@ -340,3 +489,25 @@ def breadcrumbs_ties(base, tensors, *, weights=None, densities=None, gammas=None
     """Breadcrumbs + TIES sign election (sum); normalize and rescale off (mergekit's defaults)."""
     return merge(base, tensors, "breadcrumbs_ties", weights=weights, densities=densities, gammas=gammas,
                  **kwargs)
+
+
+def della(base, tensors, *, weights=None, densities=None, epsilons=None, seed: int = 0, **kwargs) -> torch.Tensor:
+    """DELLA-TIES: per-row rank-dependent random keep, l1 rescale, sum sign election, normalized."""
+    return merge(base, tensors, "della", weights=weights, densities=densities, epsilons=epsilons, seed=seed,
+                 **kwargs)
+
+
+def della_linear(base, tensors, *, weights=None, densities=None, epsilons=None, seed: int = 0,
+                 **kwargs) -> torch.Tensor:
+    """DELLA without sign election: per-row rank-dependent random keep, l1 rescale, weighted sum."""
+    return merge(base, tensors, "della_linear", weights=weights, densities=densities, epsilons=epsilons, seed=seed,
+                 **kwargs)
+
+
+def sce(base, tensors, *, density: float = 1.0, **kwargs) -> torch.Tensor:
+    """SCE (mergekit's sce): keep the top `density` share of elements by variance across models (of the ones
+    with non-zero variance), weights from mean squared selected task vectors, sum sign election. Streams in
+    chunks: four reads of the inputs, extra memory a few chunks plus the output. Differs from mergekit only
+    where the agreeing weights sum to less than 1e-6 (mergekit clamps the divisor to 1e-6; here an empty sum
+    divides by 1) and in ties at the variance threshold (kept in ascending index order)."""
+    return merge(base, tensors, "sce", densities=density, **kwargs)

@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from . import _backend, _ops
-from .merging import METHODS, _check_densities, _per_model, _topk_counts, merge
+from .merging import GAMMA_DEFAULT, METHODS, _check_densities, _per_model, _topk_counts, merge
+from .reference.merging import band_counts
 from .reference.selection import KEEP_NONE, ORDER_NAN_KEY
 from .selection import StreamingThreshold
 
@@ -89,19 +90,10 @@ class _GlobalSelection:
 
 def _global_ranks(method: str, densities: list[float], gammas: list[float], total: int, k_rule: str) -> list[list[int]]:
     """Per model, the global top-k sizes to resolve: [k] for magnitude, [k_outer, k_top] for band."""
-    sparsifier = METHODS[method].sparsifier
     ks = _topk_counts(densities, total, k_rule)
-    if sparsifier == "magnitude":
+    if METHODS[method].sparsifier == "magnitude":
         return [[k] for k in ks]
-    ranks = []
-    for rho, gamma, target in zip(densities, gammas, ks):
-        if rho >= 1.0:
-            ranks.append([total, 0])
-            continue
-        n_top = int(gamma * total)
-        n_top = min(n_top, total - target)
-        ranks.append([n_top + target, n_top])
-    return ranks
+    return [list(band_counts(rho, gamma, total, target)) for rho, gamma, target in zip(densities, gammas, ks)]
 
 
 def _global_l1_scales(base: Mapping, models: Sequence[Mapping], names: list[str], densities: list[float],
@@ -119,7 +111,7 @@ def _global_l1_scales(base: Mapping, models: Sequence[Mapping], names: list[str]
 
 
 def merge_model(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
-                method: str = "task_arithmetic", *, global_density: bool = False, densities=None, gamma=None,
+                method: str = "task_arithmetic", *, global_density: bool = False, densities=None, gammas=None,
                 seed: int = 0, k_rule: str = "strict", progress: bool = False, backend: str | None = None,
                 on_tensor: Callable[[str, torch.Tensor], None] | None = None, **kwargs) -> dict[str, torch.Tensor]:
     """Merge every tensor of `base` with the same-named tensors of `models` (mappings: dicts, or lazy
@@ -134,8 +126,8 @@ def merge_model(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, 
     names = _tensor_names(base, models)
     n = len(models)
     merge_kwargs = dict(kwargs, seed=seed, k_rule=k_rule, backend=backend, densities=densities)
-    if gamma is not None:
-        merge_kwargs["gamma"] = gamma
+    if gammas is not None:
+        merge_kwargs["gammas"] = gammas
     selection = scales = None
     if global_density:
         sparsifier = METHODS[method].sparsifier
@@ -148,9 +140,8 @@ def merge_model(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, 
             if kwargs.get("rescale", METHODS[method].rescale) in ("l1", True):
                 scales = _global_l1_scales(base, models, names, rhos, seed, progress, backend)
         else:
-            gammas = _per_model(gamma, n, "gamma", 0.01)
             total = sum(base[name].numel() for name in names)
-            ranks = _global_ranks(method, rhos, gammas, total, k_rule)
+            ranks = _global_ranks(method, rhos, _per_model(gammas, n, "gammas", GAMMA_DEFAULT), total, k_rule)
             selection = _GlobalSelection(base, models, names, ranks, progress, backend)
     merged = {}
     for i, name in enumerate(_progress(names, progress, "merge")):
