@@ -17,6 +17,8 @@ METHOD_ARGS = {
     "dare_linear": dict(densities=[0.5, 0.3, 0.2], seed=7),
     "breadcrumbs": dict(densities=[0.5, 0.3, 0.9], gammas=[0.05, 0.2, 0.0]),
     "breadcrumbs_ties": dict(densities=[0.6, 0.3, 0.2], gammas=0.1),
+    "della": dict(densities=[0.5, 0.3, 0.2], epsilons=[0.1, 0.2, 0.15], seed=3),
+    "della_linear": dict(densities=[0.4, 0.3, 0.6], seed=5),
 }
 WEIGHTS = [0.5, 0.3, 0.7]
 
@@ -57,6 +59,8 @@ def test_method_matches_reference(method, shape, dtype, backend):
         pytest.skip("interpreter time: the strided case runs in fp32 only")
     if backend == "triton" and method.startswith("breadcrumbs") and shape == (1023, 17) and dtype != torch.float32:
         pytest.skip("interpreter time: breadcrumbs in low precision runs in test_breadcrumbs_variants_match_reference")
+    if backend == "triton" and method.startswith("della") and shape[0] > 64:
+        pytest.skip("interpreter time: a row sort per row; tests/test_della_primitives.py covers triton DELLA")
     base, tensors = models_for(shape, dtype)
     expected = run(method, base, tensors, "reference", out_dtype=torch.float32)
     got = run(method, base, tensors, backend, out_dtype=torch.float32)

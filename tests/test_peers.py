@@ -133,3 +133,39 @@ def test_reference_equals_peft(peft_merge, monkeypatch, method):
     kwargs = {} if name == "task_arithmetic" else dict(densities=density, seed=5)
     got = pk.merge(None, deltas, name, weights=WEIGHTS, backend="reference", **args, **kwargs)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_sce_equals_mergekit(merge_tensors, backend, density):
+    base, tensors = make_models((48, 29), 3, torch.float32, seed=6)
+    expected = merge_tensors([base] + tensors, "sce", parameters={"select_topk": density}, base_index=0)
+    got = pk.sce(base, tensors, density=density, backend=backend)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+
+
+class DellaBernoulli:
+    """Stands in for torch.bernoulli inside mergekit's della_magprune: our keep rule from its probabilities."""
+
+    def __init__(self, seed: int):
+        self.seed, self.calls = seed, 0
+
+    def __call__(self, probs, *args, **kwargs):
+        from pykernels.reference.merging import model_seed, philox_uniform
+
+        u = philox_uniform(model_seed(self.seed, self.calls), torch.arange(probs.numel())).reshape(probs.shape)
+        self.calls += 1
+        return (u < probs.float()).to(probs.dtype)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_equals_mergekit(merge_tensors, monkeypatch, method):
+    base, tensors = make_models((40, 33), 3, torch.float32, seed=8)
+    monkeypatch.setattr(torch, "bernoulli", DellaBernoulli(seed=4))
+    params = {"weight": WEIGHTS, "density": DENSITIES, "epsilon": [0.1, 0.2, 0.05]}
+    expected = merge_tensors([base] + tensors, method, parameters=params, base_index=0)
+    got = pk.merge(base, tensors, method, weights=WEIGHTS, densities=DENSITIES, epsilons=[0.1, 0.2, 0.05], seed=4,
+                   backend="reference")
+    # mergekit computes p from float32 ranks, ours as lo + step*(r - 1): equal here (a last-bit difference could
+    # flip a keep decision only if a uniform fell exactly between the two).
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)

@@ -8,6 +8,8 @@ sum_i w_i s_i [agree_i] / sum_i w_i [agree_i] (0 -> 1), added to the base.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .merging import combine
@@ -35,7 +37,12 @@ def selected_count(nonzero: int, density: float) -> int:
 
 
 def weights_of(sums_of_squares: list[float], numel: int) -> list[float]:
-    """mergekit's sce_weight from float64 sums of squared selected task vectors."""
+    """mergekit's sce_weight from float64 sums of squared selected task vectors. The weights scale every element,
+    so a NaN/Inf selected anywhere would turn the whole output into NaN: that is an error instead."""
+    for i, s in enumerate(sums_of_squares):
+        if not math.isfinite(s):
+            raise ValueError(f"SCE weight of tensors[{i}] is {s}: its selected task vector holds NaN/Inf (or "
+                             f"overflows float64), and SCE's weights are whole-tensor statistics")
     means = [s / numel if numel else 0.0 for s in sums_of_squares]
     total = sum(means)
     if abs(total) < 1e-6:
