@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della")
+SPARSE_METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 SIZES = {"default": (4096, 11008), "small": (1024, 2048), "tiny": (64, 96)}
 
 
@@ -53,7 +54,7 @@ def implementations(w: Workload) -> dict[str, Callable]:
 
     weights = _weights(w.n_models)
     dens = [w.density] * w.n_models
-    sparse = w.method in ("ties", "dare_ties", "dare_linear")
+    sparse = w.method in SPARSE_METHODS
     kw = dict(weights=weights, **({"densities": dens} if sparse else {}))
 
     def ours(backend):
@@ -185,7 +186,7 @@ def merging_table(shape=SIZES["default"], dtypes=("float32", "bfloat16"), method
             names = [name for name in implementations(w) if only is None or name in only]
             row = {"method": method, "dtype": dtype, "shape": list(shape), "n_models": w.n_models}
             for impl in names:
-                if impl == "reference" and method.startswith("dare") and shape[0] * shape[1] > 1 << 22:
+                if impl == "reference" and method.startswith(("dare", "della")) and shape[0] * shape[1] > 1 << 22:
                     # Philox written as int64 torch ops: minutes per call at this size; checked at small sizes.
                     row[impl] = {"skipped": "reference Philox too slow at this size"}
                     continue

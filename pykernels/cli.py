@@ -76,26 +76,50 @@ def plot_speedups(rows, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _check_cases(base, tensors):
+    """name -> fn(backend) for every public kernel, on small random inputs."""
+    import pykernels as pk
+    from .benchmarking import SPARSE_METHODS
+
+    cases = {}
+    for method in pk.METHODS:
+        kw = {"densities": 0.3} if method in SPARSE_METHODS or method == "sce" else {}
+        b = None if method == "linear" else base
+        cases[f"merging.{method}"] = lambda be, m=method, b=b, kw=kw: pk.merge(b, tensors, m, backend=be, **kw)
+    x = tensors[0]
+    cases.update({
+        "selection.kth_largest": lambda be: pk.kth_largest(x, 1000, backend=be),
+        "selection.kth_largest(dim)": lambda be: pk.kth_largest(x, 7, dim=1, abs=True, backend=be),
+        "selection.quantile": lambda be: pk.quantile(x, [0.1, 0.5, 0.9], backend=be),
+        "selection.topk_mask": lambda be: pk.topk_mask(x, 500, backend=be),
+        "selection.topk_mask(dim)": lambda be: pk.topk_mask(x, 5, dim=0, backend=be),
+        "selection.rank": lambda be: pk.rank(x, dim=-1, backend=be),
+        "statistics.median": lambda be: pk.median(tensors, base=base, backend=be),
+        "statistics.trimmed_mean": lambda be: pk.trimmed_mean(tensors + [base], 0.2, backend=be),
+        "statistics.sign_count": lambda be: pk.sign_count(tensors, base=base, backend=be),
+    })
+    return cases
+
+
 def check(args) -> int:
     """Every kernel of every available CPU backend against the reference, on small random inputs."""
-    import pykernels as pk
     from . import _backend
 
     backends = [b for b in ("cpp", "triton") if _backend._unavailable(b, torch.device("cpu")) is None]
-    failures = 0
+    failures = total = 0
     g = torch.Generator().manual_seed(0)
     base = torch.randn(257, 31, generator=g)
     tensors = [base + 0.1 * torch.randn(257, 31, generator=g) for _ in range(3)]
-    for backend in backends:
-        for method in pk.METHODS:
-            kw = {"densities": 0.3} if method in ("ties", "dare_ties", "dare_linear") else {}
-            b = None if method == "linear" else base
-            want = pk.merge(b, tensors, method, backend="reference", **kw)
-            got = pk.merge(b, tensors, method, backend=backend, **kw)
-            ok = torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    for name, run in _check_cases(base, tensors).items():
+        want = run("reference")
+        for backend in backends:
+            got = run(backend)
+            ok = got.dtype == want.dtype and (torch.equal(got, want) if not got.is_floating_point()
+                                              else torch.allclose(got, want, atol=1e-5, rtol=1e-5))
             failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} merging.{method:16s} {backend}")
-    print(f"{len(backends) * len(pk.METHODS) - failures} passed, {failures} failed")
+            total += 1
+            print(f"{'ok  ' if ok else 'FAIL'} {name:28s} {backend}")
+    print(f"{total - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 
