@@ -253,7 +253,8 @@ def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: st
     if preset.sparsifier != "della" and epsilons is not None:
         raise ValueError(f"epsilons apply to the DELLA methods only, not to method {method!r}; leave them out")
     epsilons = _per_model(epsilons, n, "epsilons", EPSILON_DEFAULT)
-    _check_epsilons(epsilons, densities)
+    if preset.sparsifier == "della":
+        _check_epsilons(epsilons, densities)
     if not math.isfinite(float(lambda_)):
         raise ValueError(f"lambda_ must be finite, got {lambda_}")
     _check_seed(seed)
