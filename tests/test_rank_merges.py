@@ -23,7 +23,7 @@ def test_della_3d_ranks_along_dim_1_like_mergekit(backend, method):
     assert torch.equal(got, moved.reshape(3, 4, 9).movedim(-1, 1))
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id != "triton"])  # 64 row sorts: minutes
 def test_sparsify_della_keeps_by_rank_and_rescales_by_p(backend):
     g = torch.Generator().manual_seed(0)
     d = torch.randn(64, 2000, generator=g)
