@@ -488,21 +488,25 @@ def test_cpp_several_blocks(kind, dtype, magnitude):
 
 @cpp_only
 @MAGNITUDE
-def test_cpp_rows_parallel(magnitude):
-    """Many rows (several parallel calls) of a long row, bf16 ties, on 1 and 2 threads."""
-    x = make("tied", (96, 1500), torch.bfloat16, seed=9)
-    x[5] = float("nan")
+@pytest.mark.parametrize("kind,dtype", [("random", torch.float32), ("tied", torch.bfloat16), ("specials", torch.float16),
+                                        ("constant", torch.float32)], ids=["random-fp32", "tied-bf16", "specials-fp16",
+                                                                           "constant-fp32"])
+def test_cpp_long_rows(kind, dtype, magnitude):
+    """Rows long enough for the C++ radix step (>= 1024), few and many positions, several parallel calls of rows,
+    on 1 and 2 threads."""
+    x = make(kind, (40, 2500), dtype, seed=9)
+    x[5, ::7] = float("nan")
     x[7, ::3] = -0.0
-    ops = torch.ops.pykernels
+    calls = [("row_select", (x, magnitude, [1, 700, 2500])), ("row_select", (x, magnitude, [1250, 3, 1250])),
+             ("row_select", (x, magnitude, list(range(2500, 0, -199)))),  # 13 positions: whole-row selection
+             ("row_topk_mask", (x, magnitude, 1)), ("row_topk_mask", (x, magnitude, 701)),
+             ("row_topk_mask", (x, magnitude, 2499)), ("row_rank", (x, magnitude))]
+    want = [getattr(ref, name)(*args) for name, args in calls]
     threads = torch.get_num_threads()
-    want = (ref.row_select(x, magnitude, [1, 700, 1500]), ref.row_topk_mask(x, magnitude, 701),
-            ref.row_rank(x, magnitude))
     try:
         for n_threads in sorted({1, max(2, threads)}):
             torch.set_num_threads(n_threads)
-            got = (ops.row_select(x, magnitude, [1, 700, 1500]), ops.row_topk_mask(x, magnitude, 701),
-                   ops.row_rank(x, magnitude))
-            for g, w, what in zip(got, want, ("row_select", "row_topk_mask", "row_rank")):
-                assert_same(g, w, f"{what} on {n_threads} threads")
+            for (name, args), w in zip(calls, want):
+                assert_same(getattr(torch.ops.pykernels, name)(*args), w, f"{name}{args[2:]} on {n_threads} threads")
     finally:
         torch.set_num_threads(threads)

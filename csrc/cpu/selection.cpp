@@ -569,6 +569,62 @@ void fill_composites(const uint32_t* keys, int64_t n, uint64_t* c) {
   for (int64_t j = 0; j < n; ++j) c[j] = composite(keys[j], j);
 }
 
+// k-th largest composites of one row at a time. Long rows take one radix step first: a histogram of the top
+// kRowBinBits bits of the keys gives the bin holding the k-th, and std::nth_element runs only on that bin's
+// elements (all of them in the worst case, a heavily tied row: then it is the plain selection).
+constexpr int kRowBinBits = 11;
+constexpr int kRowBins = 1 << kRowBinBits;
+constexpr int64_t kRadixRowMin = 1024;  // shorter rows: nth_element on the whole row
+constexpr int kRadixMaxPositions = 8;   // more positions per row: successive nth_element on the whole row
+
+class RowSelector {
+ public:
+  explicit RowSelector(int64_t n) : n_(n), hist_(kRowBins), candidates_(n) {}
+
+  bool radix(size_t positions) const { return n_ >= kRadixRowMin && positions <= kRadixMaxPositions; }
+
+  // The bins of the row's keys (once per row, before kth).
+  void count(const uint32_t* keys) {
+    std::fill(hist_.begin(), hist_.end(), 0u);
+    uint32_t* h = hist_.data();
+    for (int64_t j = 0; j < n_; ++j) ++h[keys[j] >> (32 - kRowBinBits)];
+  }
+
+  // The k-th (1-based) largest composite of the counted row.
+  uint64_t kth(const uint32_t* keys, int64_t k) {
+    int64_t above = 0;
+    uint32_t bin = kRowBins - 1;
+    while (above + hist_[bin] < k) above += hist_[bin--];
+    uint64_t* c = candidates_.data();
+    int64_t m = 0;
+    for (int64_t j = 0; j < n_; ++j) {  // branch-free compaction of the bin's elements
+      c[m] = composite(keys[j], j);
+      m += (keys[j] >> (32 - kRowBinBits)) == bin;
+    }
+    const int64_t at = k - above - 1;
+    std::nth_element(c, c + at, c + m, std::greater<uint64_t>());
+    return c[at];
+  }
+
+  // Successive selections of ascending 1-based positions on the whole row: picked[p] = index at positions[p].
+  void select_all(const uint32_t* keys, const std::vector<int64_t>& positions, int64_t* picked) {
+    uint64_t* c = candidates_.data();
+    fill_composites(keys, n_, c);
+    int64_t lo = 0;
+    for (size_t p = 0; p < positions.size(); ++p) {
+      const int64_t at = positions[p] - 1;
+      std::nth_element(c + lo, c + at, c + n_, std::greater<uint64_t>());
+      picked[p] = composite_index(c[at]);
+      lo = at + 1;
+    }
+  }
+
+ private:
+  int64_t n_;
+  std::vector<uint32_t> hist_;
+  std::vector<uint64_t> candidates_;
+};
+
 at::Tensor row_select(const at::Tensor& x_in, bool magnitude, at::IntArrayRef ks) {
   constexpr const char* op = "row_select";
   const at::Tensor x = checked_rows(x_in, op);
@@ -578,8 +634,7 @@ at::Tensor row_select(const at::Tensor& x_in, bool magnitude, at::IntArrayRef ks
   }
   at::Tensor out = at::empty({rows, m}, at::kLong);
   if (m == 0) return out;
-  // Distinct positions ascending, each selected once inside what the previous selection left to its right.
-  std::vector<int64_t> positions(ks.begin(), ks.end());
+  std::vector<int64_t> positions(ks.begin(), ks.end());  // distinct, ascending
   std::sort(positions.begin(), positions.end());
   positions.erase(std::unique(positions.begin(), positions.end()), positions.end());
   std::vector<size_t> slot(m);
@@ -589,16 +644,15 @@ at::Tensor row_select(const at::Tensor& x_in, bool magnitude, at::IntArrayRef ks
   int64_t* result = out.data_ptr<int64_t>();
   parallel_rows(rows, n, [&](int64_t first, int64_t end) {
     RowKeys row_keys(x, magnitude);
-    std::vector<uint64_t> c(n);
+    RowSelector selector(n);
     std::vector<int64_t> picked(positions.size());
     for (int64_t r = first; r < end; ++r) {
-      fill_composites(row_keys(r), n, c.data());
-      int64_t lo = 0;
-      for (size_t p = 0; p < positions.size(); ++p) {
-        const int64_t at = positions[p] - 1;
-        std::nth_element(c.begin() + lo, c.begin() + at, c.end(), std::greater<uint64_t>());
-        picked[p] = composite_index(c[at]);
-        lo = at + 1;
+      const uint32_t* keys = row_keys(r);
+      if (selector.radix(positions.size())) {
+        selector.count(keys);
+        for (size_t p = 0; p < positions.size(); ++p) picked[p] = composite_index(selector.kth(keys, positions[p]));
+      } else {
+        selector.select_all(keys, positions, picked.data());
       }
       for (int64_t j = 0; j < m; ++j) result[r * m + j] = picked[slot[j]];
     }
@@ -616,14 +670,21 @@ at::Tensor row_topk_mask(const at::Tensor& x_in, bool magnitude, int64_t k) {
   at::Tensor out = at::empty(x.sizes(), at::kBool);
   uint8_t* mask = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   const int64_t rows = x.size(0);
+  const std::vector<int64_t> position{k};
   parallel_rows(rows, n, [&](int64_t first, int64_t end) {
     RowKeys row_keys(x, magnitude);
-    std::vector<uint64_t> c(n);
+    RowSelector selector(n);
+    int64_t index = 0;
     for (int64_t r = first; r < end; ++r) {
       const uint32_t* keys = row_keys(r);
-      fill_composites(keys, n, c.data());
-      std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), std::greater<uint64_t>());
-      const uint64_t kth = c[k - 1];  // keep exactly the composites >= the k-th largest
+      if (selector.radix(1)) {
+        selector.count(keys);
+        index = composite_index(selector.kth(keys, k));
+      } else {
+        selector.select_all(keys, position, &index);
+      }
+      // keep exactly the composites >= the k-th largest
+      const uint64_t kth = composite(keys[index], index);
       uint8_t* row = mask + r * n;
       for (int64_t j = 0; j < n; ++j) row[j] = composite(keys[j], j) >= kth;
     }
