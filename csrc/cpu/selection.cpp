@@ -73,14 +73,14 @@ inline __m512i order_keys16(const float* x) {
 }
 #endif
 
-// keys[i] = order_key(x[i]) >> shift, i < n.
-template <bool kMag, int kShift = 0>
+// keys[i] = order_key(x[i]), i < n.
+template <bool kMag>
 void compute_keys(const float* __restrict x, int64_t n, uint32_t* __restrict keys) {
   int64_t i = 0;
 #if defined(PK_AVX512)
-  for (; i + 16 <= n; i += 16) _mm512_storeu_si512(keys + i, _mm512_srli_epi32(order_keys16<kMag>(x + i), kShift));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_si512(keys + i, order_keys16<kMag>(x + i));
 #endif
-  for (; i < n; ++i) keys[i] = order_key<kMag>(x[i]) >> kShift;
+  for (; i < n; ++i) keys[i] = order_key<kMag>(x[i]);
 }
 
 // ------------------------------------------------------------------------------------------------------------
