@@ -487,14 +487,16 @@ def test_argument_errors(index):
         call()
 
 
+BIG_KINDS = pytest.mark.parametrize("kind,dtype", [
+    pytest.param("random", torch.float32, id="random-fp32"), pytest.param("tied", torch.bfloat16, id="tied-bf16"),
+    pytest.param("specials", torch.float16, id="specials-fp16"),
+    pytest.param("constant", torch.float32, id="constant-fp32")])
 BIG = 4 * 65536 + 4099  # several of the C++ blocks (65536 elements), a partial chunk, > 2^18 (counter copies)
 
 
 @cpp_only
 @MAGNITUDE
-@pytest.mark.parametrize("kind,dtype", [("random", torch.float32), ("tied", torch.bfloat16), ("specials", torch.float16),
-                                        ("constant", torch.float32)], ids=["random-fp32", "tied-bf16", "specials-fp16",
-                                                                           "constant-fp32"])
+@BIG_KINDS
 def test_cpp_several_blocks(kind, dtype, magnitude):
     """Sizes spanning blocks: ties cut in a later block, bucket groups of 1 / 5 / 12 / 40, both thread counts."""
     x = make(kind, (BIG,), dtype, seed=7)
@@ -524,9 +526,7 @@ def test_cpp_several_blocks(kind, dtype, magnitude):
 
 @cpp_only
 @MAGNITUDE
-@pytest.mark.parametrize("kind,dtype", [("random", torch.float32), ("tied", torch.bfloat16), ("specials", torch.float16),
-                                        ("constant", torch.float32)], ids=["random-fp32", "tied-bf16", "specials-fp16",
-                                                                           "constant-fp32"])
+@BIG_KINDS
 def test_cpp_long_rows(kind, dtype, magnitude):
     """Rows long enough for the C++ radix step (>= 1024), few and many positions, several parallel calls of rows,
     on 1 and 2 threads."""

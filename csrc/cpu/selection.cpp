@@ -105,7 +105,9 @@ at::Tensor checked_rows(const at::Tensor& x, const char* op) {
 template <typename Fn>
 void for_block_chunks(const Source& src, int64_t numel, int64_t first, int64_t end, float* scratch, const Fn& fn) {
   for (int64_t block = first; block < end; ++block) {
-    for_chunks_of_block(numel, block, [&](int64_t start, int64_t len) { fn(start, len, src.load(start, len, scratch)); });
+    for_chunks_of_block(numel, block, [&](int64_t start, int64_t len) {
+      fn(start, len, src.load(start, len, scratch));
+    });
   }
 }
 
