@@ -15,6 +15,7 @@ Three layers:
 from __future__ import annotations
 
 import collections
+import contextlib
 import struct
 
 import pytest
@@ -31,6 +32,16 @@ cpp_only = pytest.mark.skipif(not _backend.cpp_available(), reason="pykernels._C
 
 def prims(backend):
     return _ops.primitives(backend)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs on one intra-op thread unless it asks for more (check_thread_counts): the inputs are small,
+    and on a busy 2-core machine each parallel region of a torch op can wait for a time slice."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,10 +198,10 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
 # the contract spelt out in Python, element by element: what the reference itself is checked against
 
 
-def _counts(values, size=65536) -> torch.Tensor:
-    out = torch.zeros(size, dtype=torch.int64)
-    for v, c in collections.Counter(values).items():
-        out[v] = c
+def _counts(values, size=65536) -> list[int]:
+    out = [0] * size
+    for v in values:
+        out[v] += 1
     return out
 
 
@@ -203,8 +214,8 @@ class ByDefinition:
     def key_histogram(x, magnitude, buckets):
         keys = keys_by_hand(x, magnitude)
         if not buckets:
-            return _counts(k >> 16 for k in keys)
-        return torch.stack([_counts(k & 0xFFFF for k in keys if k >> 16 == b) for b in buckets])
+            return torch.tensor(_counts(k >> 16 for k in keys), dtype=torch.int64)
+        return torch.tensor([_counts(k & 0xFFFF for k in keys if k >> 16 == b) for b in buckets], dtype=torch.int64)
 
     @staticmethod
     def key_mask(x, magnitude, key, ties):
@@ -487,6 +498,28 @@ def test_argument_errors(index):
         call()
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def check_thread_counts(calls):
+    """calls: (op name, args). The reference's results, then the C++ op's on 1 and 2 threads. The reference runs
+    on one thread: on a busy machine each parallel region of its many small torch ops waits for a time slice."""
+    with num_threads(1):
+        want = [getattr(ref, name)(*args) for name, args in calls]
+    for n in (1, 2):
+        with num_threads(n):
+            for (name, args), w in zip(calls, want):
+                what = f"{name}{tuple(a for a in args[1:] if not isinstance(a, list))} on {n} threads"
+                assert_same(getattr(torch.ops.pykernels, name)(*args), w, what)
+
+
 BIG_KINDS = pytest.mark.parametrize("kind,dtype", [
     pytest.param("random", torch.float32, id="random-fp32"), pytest.param("tied", torch.bfloat16, id="tied-bf16"),
     pytest.param("specials", torch.float16, id="specials-fp16"),
@@ -513,15 +546,7 @@ def test_cpp_several_blocks(kind, dtype, magnitude):
         # exactly the top k: the mask with `rank` ties, whose last element is the k-th of the order
         assert int(ref.key_mask(x, magnitude, key, rank).sum()) == k
         assert int(ref.key_find(x, magnitude, key, rank)) == int(order.indices[k - 1])
-    want = [getattr(ref, name)(*args) for name, args in calls]
-    threads = torch.get_num_threads()
-    try:
-        for n_threads in sorted({1, max(2, threads)}):
-            torch.set_num_threads(n_threads)
-            for (name, args), w in zip(calls, want):
-                assert_same(getattr(torch.ops.pykernels, name)(*args), w, f"{name}{args[1:]} on {n_threads} threads")
-    finally:
-        torch.set_num_threads(threads)
+    check_thread_counts(calls)
 
 
 @cpp_only
@@ -537,12 +562,4 @@ def test_cpp_long_rows(kind, dtype, magnitude):
              ("row_select", (x, magnitude, list(range(2500, 0, -199)))),  # 13 positions: whole-row selection
              ("row_topk_mask", (x, magnitude, 1)), ("row_topk_mask", (x, magnitude, 701)),
              ("row_topk_mask", (x, magnitude, 2499)), ("row_rank", (x, magnitude))]
-    want = [getattr(ref, name)(*args) for name, args in calls]
-    threads = torch.get_num_threads()
-    try:
-        for n_threads in sorted({1, max(2, threads)}):
-            torch.set_num_threads(n_threads)
-            for (name, args), w in zip(calls, want):
-                assert_same(getattr(torch.ops.pykernels, name)(*args), w, f"{name}{args[2:]} on {n_threads} threads")
-    finally:
-        torch.set_num_threads(threads)
+    check_thread_counts(calls)
