@@ -4,15 +4,18 @@ Three layers:
 - every backend's key_histogram / key_mask / key_find / row_select / row_topk_mask / row_rank equals the
   reference bit for bit (torch.equal) on small inputs: random, heavily tied, constant, zeros, signed zeros,
   +-inf, NaN (several payloads and signs), subnormals, fp32/bf16/fp16, odd and empty shapes, non-contiguous
-  views, both key modes. Triton params run only under TRITON_INTERPRET=1 (conftest.backend_params);
-- the reference itself against keys computed here element by element from the contract's definition, and
-  against plain sorting (so a wrong reference cannot make every backend agree on a wrong answer);
+  views, both key modes. Triton params run only under TRITON_INTERPRET=1 (conftest.backend_params). The
+  "reference" param checks the reference itself, against ByDefinition: the contract spelt out in Python, one
+  element at a time, with keys computed here from the float bits (so a wrong reference cannot make every
+  backend agree on a wrong answer);
+- the reference against torch.sort / argsort and the float order of the values;
 - the C++ ops: opcheck, argument errors, and sizes spanning several of its parallel blocks (ties cut across
   blocks, counter copies, bucket groups), identical for 1 and 2 threads.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import struct
 
 import pytest
@@ -29,6 +32,16 @@ cpp_only = pytest.mark.skipif(not _backend.cpp_available(), reason="pykernels._C
 
 def prims(backend):
     return _ops.primitives(backend)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs on one intra-op thread unless it asks for more (check_thread_counts): the inputs are small,
+    and on a busy 2-core machine each parallel region of a torch op can wait for a time slice."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,6 +195,73 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the contract spelt out in Python, element by element: what the reference itself is checked against
+
+
+def _counts(values, size=65536) -> list[int]:
+    out = [0] * size
+    for v in values:
+        out[v] += 1
+    return out
+
+
+def _descending(row: list[int]) -> list[int]:
+    return sorted(range(len(row)), key=lambda j: (-row[j], j))  # larger key first, then smaller index
+
+
+class ByDefinition:
+    @staticmethod
+    def key_histogram(x, magnitude, buckets):
+        keys = keys_by_hand(x, magnitude)
+        if not buckets:
+            return torch.tensor(_counts(k >> 16 for k in keys), dtype=torch.int64)
+        return torch.tensor([_counts(k & 0xFFFF for k in keys if k >> 16 == b) for b in buckets], dtype=torch.int64)
+
+    @staticmethod
+    def key_mask(x, magnitude, key, ties):
+        seen, mask = 0, []
+        for k in keys_by_hand(x, magnitude):
+            mask.append(k > key or (k == key and seen < ties))
+            seen += k == key
+        return torch.tensor(mask, dtype=torch.bool).reshape(x.shape)
+
+    @staticmethod
+    def key_find(x, magnitude, key, rank):
+        hits = [i for i, k in enumerate(keys_by_hand(x, magnitude)) if k == key]
+        return torch.tensor(hits[rank - 1] if 1 <= rank <= len(hits) else -1, dtype=torch.int64)
+
+    @staticmethod
+    def _rows(x, magnitude):
+        keys, n = keys_by_hand(x, magnitude), x.shape[1]
+        return [keys[r * n:(r + 1) * n] for r in range(x.shape[0])]
+
+    @staticmethod
+    def row_select(x, magnitude, ks):
+        picked = [[_descending(row)[k - 1] for k in ks] for row in ByDefinition._rows(x, magnitude)]
+        return torch.tensor(picked, dtype=torch.int64).reshape(x.shape[0], len(ks))
+
+    @staticmethod
+    def row_topk_mask(x, magnitude, k):
+        mask = torch.zeros(x.shape, dtype=torch.bool)
+        for r, row in enumerate(ByDefinition._rows(x, magnitude)):
+            mask[r, _descending(row)[:k]] = True
+        return mask
+
+    @staticmethod
+    def row_rank(x, magnitude):
+        ranks = torch.zeros(x.shape, dtype=torch.int64)
+        for r, row in enumerate(ByDefinition._rows(x, magnitude)):
+            ascending = sorted(range(len(row)), key=lambda j: (row[j], j))
+            ranks[r, ascending] = torch.arange(1, len(row) + 1)
+        return ranks
+
+
+def expected(backend):
+    """What a backend must return: the reference's results, and for the reference itself the contract's."""
+    return ByDefinition if backend == "reference" else ref
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # argument choices derived from the data
 
 
@@ -221,10 +301,10 @@ def ks_for(n: int) -> list[list[int]]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_key_histogram(backend, kind, shape, dtype, layout, magnitude):
     x = make(kind, shape, dtype, layout)
-    op = prims(backend).key_histogram
-    assert_same(op(x, magnitude, []), ref.key_histogram(x, magnitude, []), "high")
+    op, want = prims(backend).key_histogram, expected(backend).key_histogram
+    assert_same(op(x, magnitude, []), want(x, magnitude, []), "high")
     for buckets in bucket_lists(keys_by_hand(x, magnitude)):
-        assert_same(op(x, magnitude, buckets), ref.key_histogram(x, magnitude, buckets), f"buckets {buckets}")
+        assert_same(op(x, magnitude, buckets), want(x, magnitude, buckets), f"buckets {buckets}")
 
 
 @MAGNITUDE
@@ -232,9 +312,9 @@ def test_key_histogram(backend, kind, shape, dtype, layout, magnitude):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_key_mask(backend, kind, shape, dtype, layout, magnitude):
     x = make(kind, shape, dtype, layout)
-    op = prims(backend).key_mask
+    op, want = prims(backend).key_mask, expected(backend).key_mask
     for key, ties in key_choices(keys_by_hand(x, magnitude)):
-        assert_same(op(x, magnitude, key, ties), ref.key_mask(x, magnitude, key, ties), f"key {key:#x} ties {ties}")
+        assert_same(op(x, magnitude, key, ties), want(x, magnitude, key, ties), f"key {key:#x} ties {ties}")
 
 
 @MAGNITUDE
@@ -242,12 +322,12 @@ def test_key_mask(backend, kind, shape, dtype, layout, magnitude):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_key_find(backend, kind, shape, dtype, layout, magnitude):
     x = make(kind, shape, dtype, layout)
-    op = prims(backend).key_find
+    op, want = prims(backend).key_find, expected(backend).key_find
     keys = keys_by_hand(x, magnitude)
     for key in sorted({k for k, _ in key_choices(keys) if k < 2**32}):
         count = keys.count(key)
         for rank in sorted({1, 2, count // 2 + 1, count, count + 1, 0, -3, x.numel() + 1}):
-            assert_same(op(x, magnitude, key, rank), ref.key_find(x, magnitude, key, rank), f"key {key:#x} rank {rank}")
+            assert_same(op(x, magnitude, key, rank), want(x, magnitude, key, rank), f"key {key:#x} rank {rank}")
 
 
 @MAGNITUDE
@@ -256,7 +336,8 @@ def test_key_find(backend, kind, shape, dtype, layout, magnitude):
 def test_row_select(backend, kind, shape, dtype, layout, magnitude):
     x = make(kind, shape, dtype, layout)
     for ks in ks_for(shape[1]):
-        assert_same(prims(backend).row_select(x, magnitude, ks), ref.row_select(x, magnitude, ks), f"ks {ks}")
+        assert_same(prims(backend).row_select(x, magnitude, ks), expected(backend).row_select(x, magnitude, ks),
+                    f"ks {ks}")
 
 
 @MAGNITUDE
@@ -266,7 +347,8 @@ def test_row_topk_mask(backend, kind, shape, dtype, layout, magnitude):
     x = make(kind, shape, dtype, layout)
     n = shape[1]
     for k in sorted({0, 1, n // 3, n // 2, n - 1, n} - {-1}):
-        assert_same(prims(backend).row_topk_mask(x, magnitude, k), ref.row_topk_mask(x, magnitude, k), f"k {k}")
+        assert_same(prims(backend).row_topk_mask(x, magnitude, k), expected(backend).row_topk_mask(x, magnitude, k),
+                    f"k {k}")
 
 
 @MAGNITUDE
@@ -275,7 +357,7 @@ def test_row_topk_mask(backend, kind, shape, dtype, layout, magnitude):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_row_rank(backend, kind, shape, dtype, layout, magnitude):
     x = make(kind, shape, dtype, layout)
-    assert_same(prims(backend).row_rank(x, magnitude), ref.row_rank(x, magnitude), "ranks")
+    assert_same(prims(backend).row_rank(x, magnitude), expected(backend).row_rank(x, magnitude), "ranks")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,41 +400,6 @@ def test_signed_keys_follow_float_order():
     by_key = x[finite][torch.sort(keys[finite], stable=True).indices]
     assert torch.equal(by_key, torch.sort(x[finite], stable=True).values)  # == treats -0 and +0 as equal
     assert bool((keys[~finite] == NAN_KEY).all()) and int(keys[finite].max()) < NAN_KEY
-
-
-@MAGNITUDE
-@pytest.mark.parametrize("case", ["specials-fp32", "tied-bf16", "specials-fp16-T", "signed-zeros-fp32"])
-def test_reference_flat_ops_by_definition(case, magnitude):
-    _, kind, shape, dt, layout = next(c for c in FLAT_CASES if c[0] == case)
-    x = make(kind, shape, DTYPES[dt], layout)
-    keys = keys_by_hand(x, magnitude)
-    # key_histogram == bincount of keys >> 16, and of the low bits inside each bucket
-    high = collections.Counter(k >> 16 for k in keys)
-    want = torch.zeros(65536, dtype=torch.int64)
-    for b, c in high.items():
-        want[b] = c
-    assert torch.equal(ref.key_histogram(x, magnitude, []), want)
-    buckets = [b for b, _ in high.most_common(3)] + [0x4321]
-    rows = ref.key_histogram(x, magnitude, buckets)
-    for r, b in enumerate(buckets):
-        low = collections.Counter(k & 0xFFFF for k in keys if k >> 16 == b)
-        want = torch.zeros(65536, dtype=torch.int64)
-        for v, c in low.items():
-            want[v] = c
-        assert torch.equal(rows[r], want)
-    # key_mask and key_find by a scan in index order
-    for key, ties in key_choices(keys):
-        seen, mask = 0, []
-        for k in keys:
-            tie = k == key
-            mask.append(k > key or (tie and seen < ties))
-            seen += tie
-        assert ref.key_mask(x, magnitude, key, ties).reshape(-1).tolist() == mask
-        if key < 2**32:
-            hits = [i for i, k in enumerate(keys) if k == key]
-            for rank in (1, len(hits), len(hits) + 1):
-                want = hits[rank - 1] if 1 <= rank <= len(hits) else -1
-                assert int(ref.key_find(x, magnitude, key, rank)) == want
 
 
 @MAGNITUDE
@@ -451,14 +498,38 @@ def test_argument_errors(index):
         call()
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def check_thread_counts(calls):
+    """calls: (op name, args). The reference's results, then the C++ op's on 1 and 2 threads. The reference runs
+    on one thread: on a busy machine each parallel region of its many small torch ops waits for a time slice."""
+    with num_threads(1):
+        want = [getattr(ref, name)(*args) for name, args in calls]
+    for n in (1, 2):
+        with num_threads(n):
+            for (name, args), w in zip(calls, want):
+                what = f"{name}{tuple(a for a in args[1:] if not isinstance(a, list))} on {n} threads"
+                assert_same(getattr(torch.ops.pykernels, name)(*args), w, what)
+
+
+BIG_KINDS = pytest.mark.parametrize("kind,dtype", [
+    pytest.param("random", torch.float32, id="random-fp32"), pytest.param("tied", torch.bfloat16, id="tied-bf16"),
+    pytest.param("specials", torch.float16, id="specials-fp16"),
+    pytest.param("constant", torch.float32, id="constant-fp32")])
 BIG = 4 * 65536 + 4099  # several of the C++ blocks (65536 elements), a partial chunk, > 2^18 (counter copies)
 
 
 @cpp_only
 @MAGNITUDE
-@pytest.mark.parametrize("kind,dtype", [("random", torch.float32), ("tied", torch.bfloat16), ("specials", torch.float16),
-                                        ("constant", torch.float32)], ids=["random-fp32", "tied-bf16", "specials-fp16",
-                                                                           "constant-fp32"])
+@BIG_KINDS
 def test_cpp_several_blocks(kind, dtype, magnitude):
     """Sizes spanning blocks: ties cut in a later block, bucket groups of 1 / 5 / 12 / 40, both thread counts."""
     x = make(kind, (BIG,), dtype, seed=7)
@@ -475,34 +546,20 @@ def test_cpp_several_blocks(kind, dtype, magnitude):
         # exactly the top k: the mask with `rank` ties, whose last element is the k-th of the order
         assert int(ref.key_mask(x, magnitude, key, rank).sum()) == k
         assert int(ref.key_find(x, magnitude, key, rank)) == int(order.indices[k - 1])
-    want = [getattr(ref, name)(*args) for name, args in calls]
-    threads = torch.get_num_threads()
-    try:
-        for n_threads in sorted({1, max(2, threads)}):
-            torch.set_num_threads(n_threads)
-            for (name, args), w in zip(calls, want):
-                assert_same(getattr(torch.ops.pykernels, name)(*args), w, f"{name}{args[1:]} on {n_threads} threads")
-    finally:
-        torch.set_num_threads(threads)
+    check_thread_counts(calls)
 
 
 @cpp_only
 @MAGNITUDE
-def test_cpp_rows_parallel(magnitude):
-    """Many rows (several parallel calls) of a long row, bf16 ties, on 1 and 2 threads."""
-    x = make("tied", (96, 1500), torch.bfloat16, seed=9)
-    x[5] = float("nan")
+@BIG_KINDS
+def test_cpp_long_rows(kind, dtype, magnitude):
+    """Rows long enough for the C++ radix step (>= 1024), few and many positions, several parallel calls of rows,
+    on 1 and 2 threads."""
+    x = make(kind, (40, 2500), dtype, seed=9)
+    x[5, ::7] = float("nan")
     x[7, ::3] = -0.0
-    ops = torch.ops.pykernels
-    threads = torch.get_num_threads()
-    want = (ref.row_select(x, magnitude, [1, 700, 1500]), ref.row_topk_mask(x, magnitude, 701),
-            ref.row_rank(x, magnitude))
-    try:
-        for n_threads in sorted({1, max(2, threads)}):
-            torch.set_num_threads(n_threads)
-            got = (ops.row_select(x, magnitude, [1, 700, 1500]), ops.row_topk_mask(x, magnitude, 701),
-                   ops.row_rank(x, magnitude))
-            for g, w, what in zip(got, want, ("row_select", "row_topk_mask", "row_rank")):
-                assert_same(g, w, f"{what} on {n_threads} threads")
-    finally:
-        torch.set_num_threads(threads)
+    calls = [("row_select", (x, magnitude, [1, 700, 2500])), ("row_select", (x, magnitude, [1250, 3, 1250])),
+             ("row_select", (x, magnitude, list(range(2500, 0, -199)))),  # 13 positions: whole-row selection
+             ("row_topk_mask", (x, magnitude, 1)), ("row_topk_mask", (x, magnitude, 701)),
+             ("row_topk_mask", (x, magnitude, 2499)), ("row_rank", (x, magnitude))]
+    check_thread_counts(calls)

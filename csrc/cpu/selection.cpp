@@ -73,14 +73,14 @@ inline __m512i order_keys16(const float* x) {
 }
 #endif
 
-// keys[i] = order_key(x[i]) >> shift, i < n.
-template <bool kMag, int kShift = 0>
+// keys[i] = order_key(x[i]), i < n.
+template <bool kMag>
 void compute_keys(const float* __restrict x, int64_t n, uint32_t* __restrict keys) {
   int64_t i = 0;
 #if defined(PK_AVX512)
-  for (; i + 16 <= n; i += 16) _mm512_storeu_si512(keys + i, _mm512_srli_epi32(order_keys16<kMag>(x + i), kShift));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_si512(keys + i, order_keys16<kMag>(x + i));
 #endif
-  for (; i < n; ++i) keys[i] = order_key<kMag>(x[i]) >> kShift;
+  for (; i < n; ++i) keys[i] = order_key<kMag>(x[i]);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -105,7 +105,9 @@ at::Tensor checked_rows(const at::Tensor& x, const char* op) {
 template <typename Fn>
 void for_block_chunks(const Source& src, int64_t numel, int64_t first, int64_t end, float* scratch, const Fn& fn) {
   for (int64_t block = first; block < end; ++block) {
-    for_chunks_of_block(numel, block, [&](int64_t start, int64_t len) { fn(start, len, src.load(start, len, scratch)); });
+    for_chunks_of_block(numel, block, [&](int64_t start, int64_t len) {
+      fn(start, len, src.load(start, len, scratch));
+    });
   }
 }
 
@@ -202,50 +204,48 @@ void high_histogram(const Source& src, int64_t numel, int64_t* total) {
 
 // ------------------------------------------------------------------------------------------------------------
 // key_histogram, low digits of the elements in a list of buckets, taken in groups of at most kGroup buckets per
-// pass over the data. Hits are compacted as counter offsets (row in group << 16 | low), then counted. A group
-// of a few buckets is matched by comparisons; a larger one by a lookup table high -> row (or -1).
+// pass over the data. The keys of the elements in the group's buckets are compacted, turned into counter
+// offsets (row in group << 16 | low) through a table high -> row, then counted. Up to kCompareBuckets buckets
+// are matched by comparisons (min over b of high ^ bucket[b] is 0), more by looking the table up for every
+// element (a gather, slower).
 
-constexpr int64_t kGroup = 32;         // per thread at most 32 x 256 KiB of counters
-constexpr int kCompareBuckets = 8;     // up to this many buckets: comparisons instead of table lookups
+constexpr int64_t kGroup = 32;          // per thread at most 32 x 256 KiB of counters
+constexpr int kCompareBuckets = 16;
 
 struct BucketGroup {
   int64_t count = 0;
   const int32_t* row_of = nullptr;  // 2^16 entries: the bucket's row in the group, or -1
-  uint32_t bucket[kCompareBuckets] = {};
+  uint32_t bucket[kCompareBuckets] = {};  // the first min(count, kCompareBuckets), then repeats of bucket[0]
 };
 
 #if defined(PK_AVX512)
-// The group's kCount buckets matched by comparisons; returns the hits of x[0, len / 16 * 16).
+// Keys of x[0, len / 16 * 16) in the group's buckets (bucket[0..kCount), kCount >= count), compacted; returns
+// how many. `hit_keys` holds len + 16 entries.
 template <bool kMag, int kCount>
-int64_t compare_offsets(const float* __restrict x, int64_t len, const BucketGroup& g, uint32_t* __restrict offsets) {
+int64_t compare_hits(const float* __restrict x, int64_t len, const BucketGroup& g, uint32_t* __restrict hit_keys) {
   __m512i bucket[kCount];
   for (int b = 0; b < kCount; ++b) bucket[b] = _mm512_set1_epi32(static_cast<int>(g.bucket[b]));
   int64_t n = 0;
   for (int64_t i = 0; i + 16 <= len; i += 16) {
     const __m512i key = order_keys16<kMag>(x + i);
     const __m512i high = _mm512_srli_epi32(key, 16);
-    __m512i offset = _mm512_and_si512(key, _mm512_set1_epi32(0xFFFF));
-    __mmask16 hit = 0;
-    for (int b = 0; b < kCount; ++b) {
-      const __mmask16 in = _mm512_cmpeq_epi32_mask(high, bucket[b]);
-      if (b > 0) offset = _mm512_mask_or_epi32(offset, in, offset, _mm512_set1_epi32(b << 16));
-      hit = static_cast<__mmask16>(hit | in);
-    }
-    _mm512_storeu_si512(offsets + n, _mm512_maskz_compress_epi32(hit, offset));
+    __m512i miss = _mm512_xor_si512(high, bucket[0]);
+    for (int b = 1; b < kCount; ++b) miss = _mm512_min_epu32(miss, _mm512_xor_si512(high, bucket[b]));
+    const __mmask16 hit = _mm512_testn_epi32_mask(miss, miss);
+    _mm512_storeu_si512(hit_keys + n, _mm512_maskz_compress_epi32(hit, key));
     n += _mm_popcnt_u32(_cvtmask16_u32(hit));
   }
   return n;
 }
 
 template <bool kMag>
-int64_t lookup_offsets(const float* __restrict x, int64_t len, const BucketGroup& g, uint32_t* __restrict offsets) {
+int64_t lookup_hits(const float* __restrict x, int64_t len, const BucketGroup& g, uint32_t* __restrict hit_keys) {
   int64_t n = 0;
   for (int64_t i = 0; i + 16 <= len; i += 16) {
     const __m512i key = order_keys16<kMag>(x + i);
     const __m512i row = _mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), g.row_of, 4);
     const __mmask16 hit = _mm512_cmpge_epi32_mask(row, _mm512_setzero_si512());
-    const __m512i offset = _mm512_or_si512(_mm512_slli_epi32(row, 16), _mm512_and_si512(key, _mm512_set1_epi32(0xFFFF)));
-    _mm512_storeu_si512(offsets + n, _mm512_maskz_compress_epi32(hit, offset));
+    _mm512_storeu_si512(hit_keys + n, _mm512_maskz_compress_epi32(hit, key));
     n += _mm_popcnt_u32(_cvtmask16_u32(hit));
   }
   return n;
@@ -257,18 +257,24 @@ template <bool kMag>
 int64_t bucket_offsets(const float* __restrict x, int64_t len, const BucketGroup& g, uint32_t* __restrict offsets) {
   int64_t n = 0, i = 0;
 #if defined(PK_AVX512)
-  switch (g.count) {
-    case 1: n = compare_offsets<kMag, 1>(x, len, g, offsets); break;
-    case 2: n = compare_offsets<kMag, 2>(x, len, g, offsets); break;
-    case 3: n = compare_offsets<kMag, 3>(x, len, g, offsets); break;
-    case 4: n = compare_offsets<kMag, 4>(x, len, g, offsets); break;
-    case 5: n = compare_offsets<kMag, 5>(x, len, g, offsets); break;
-    case 6: n = compare_offsets<kMag, 6>(x, len, g, offsets); break;
-    case 7: n = compare_offsets<kMag, 7>(x, len, g, offsets); break;
-    case 8: n = compare_offsets<kMag, 8>(x, len, g, offsets); break;
-    default: n = lookup_offsets<kMag>(x, len, g, offsets); break;
+  if (g.count == 1) {
+    n = compare_hits<kMag, 1>(x, len, g, offsets);
+  } else if (g.count <= 2) {
+    n = compare_hits<kMag, 2>(x, len, g, offsets);
+  } else if (g.count <= 4) {
+    n = compare_hits<kMag, 4>(x, len, g, offsets);
+  } else if (g.count <= 8) {
+    n = compare_hits<kMag, 8>(x, len, g, offsets);
+  } else if (g.count <= 16) {
+    n = compare_hits<kMag, 16>(x, len, g, offsets);
+  } else {
+    n = lookup_hits<kMag>(x, len, g, offsets);
   }
-  static_assert(kCompareBuckets == 8, "one case per count");
+  static_assert(kCompareBuckets == 16, "compare_hits instantiations cover 1..16 buckets");
+  for (int64_t h = 0; h < n; ++h) {
+    const uint32_t key = offsets[h];
+    offsets[h] = (static_cast<uint32_t>(g.row_of[key >> 16]) << 16) | (key & 0xFFFFu);
+  }
   i = len / 16 * 16;
 #endif
   for (; i < len; ++i) {
@@ -280,18 +286,29 @@ int64_t bucket_offsets(const float* __restrict x, int64_t len, const BucketGroup
   return n;
 }
 
-// Counts of blocks [first, end) into counters (group x 2^16, zeroed by the caller); returns the hits.
+// Counts of blocks [first, end) into counters (group x 2^16, zeroed by the caller); returns the hits. Hits are
+// counted in bursts of up to kHitBuffer: their low bits are random, so counted one chunk at a time each would
+// touch its own counter line, long evicted by the data streaming through the caches (15 ns per hit measured);
+// a burst touches each line many times while it is cached.
+constexpr int64_t kHitBuffer = int64_t(1) << 16;
+
 template <bool kMag, typename Count>
 int64_t count_low(const Source& src, int64_t numel, int64_t first, int64_t end, const BucketGroup& g,
                   Count* counters) {
-  ChunkBuffers buf(2);
-  uint32_t* offsets = reinterpret_cast<uint32_t*>(buf[1]);  // kChunk + 80 entries
-  int64_t hits = 0;
+  ChunkBuffers buf(1);
+  const ThreadScratch hit_buffer(kTotalSlot, (kHitBuffer + kChunk + 16) * sizeof(uint32_t));
+  uint32_t* offsets = hit_buffer.as<uint32_t>();
+  int64_t held = 0, hits = 0;
+  auto flush = [&] {
+    for (int64_t h = 0; h < held; ++h) ++counters[offsets[h]];
+    hits += held;
+    held = 0;
+  };
   for_block_chunks(src, numel, first, end, buf[0], [&](int64_t, int64_t len, const float* x) {
-    const int64_t n = bucket_offsets<kMag>(x, len, g, offsets);
-    for (int64_t h = 0; h < n; ++h) ++counters[offsets[h]];
-    hits += n;
+    held += bucket_offsets<kMag>(x, len, g, offsets + held);
+    if (held >= kHitBuffer) flush();
   });
+  flush();
   return hits;
 }
 
@@ -343,9 +360,9 @@ at::Tensor key_histogram(const at::Tensor& x_in, bool magnitude, at::IntArrayRef
       BucketGroup g;
       g.count = std::min(kGroup, nb - g0);
       g.row_of = row_of.data();
-      for (int64_t b = 0; b < g.count; ++b) {
-        row_of[buckets[g0 + b]] = static_cast<int32_t>(b);
-        if (b < kCompareBuckets) g.bucket[b] = static_cast<uint32_t>(buckets[g0 + b]);
+      for (int64_t b = 0; b < g.count; ++b) row_of[buckets[g0 + b]] = static_cast<int32_t>(b);
+      for (int b = 0; b < kCompareBuckets; ++b) {
+        g.bucket[b] = static_cast<uint32_t>(buckets[g0 + (b < g.count ? b : 0)]);
       }
       low_histograms<kMag>(src, numel, g, total + g0 * kKeyBuckets);
       for (int64_t b = 0; b < g.count; ++b) row_of[buckets[g0 + b]] = -1;
@@ -569,6 +586,62 @@ void fill_composites(const uint32_t* keys, int64_t n, uint64_t* c) {
   for (int64_t j = 0; j < n; ++j) c[j] = composite(keys[j], j);
 }
 
+// k-th largest composites of one row at a time. Long rows take one radix step first: a histogram of the top
+// kRowBinBits bits of the keys gives the bin holding the k-th, and std::nth_element runs only on that bin's
+// elements (all of them in the worst case, a heavily tied row: then it is the plain selection).
+constexpr int kRowBinBits = 11;
+constexpr int kRowBins = 1 << kRowBinBits;
+constexpr int64_t kRadixRowMin = 1024;  // shorter rows: nth_element on the whole row
+constexpr int kRadixMaxPositions = 8;   // more positions per row: successive nth_element on the whole row
+
+class RowSelector {
+ public:
+  explicit RowSelector(int64_t n) : n_(n), hist_(kRowBins), candidates_(n) {}
+
+  bool radix(size_t positions) const { return n_ >= kRadixRowMin && positions <= kRadixMaxPositions; }
+
+  // The bins of the row's keys (once per row, before kth).
+  void count(const uint32_t* keys) {
+    std::fill(hist_.begin(), hist_.end(), 0u);
+    uint32_t* h = hist_.data();
+    for (int64_t j = 0; j < n_; ++j) ++h[keys[j] >> (32 - kRowBinBits)];
+  }
+
+  // The k-th (1-based) largest composite of the counted row.
+  uint64_t kth(const uint32_t* keys, int64_t k) {
+    int64_t above = 0;
+    uint32_t bin = kRowBins - 1;
+    while (above + hist_[bin] < k) above += hist_[bin--];
+    uint64_t* c = candidates_.data();
+    int64_t m = 0;
+    for (int64_t j = 0; j < n_; ++j) {  // branch-free compaction of the bin's elements
+      c[m] = composite(keys[j], j);
+      m += (keys[j] >> (32 - kRowBinBits)) == bin;
+    }
+    const int64_t at = k - above - 1;
+    std::nth_element(c, c + at, c + m, std::greater<uint64_t>());
+    return c[at];
+  }
+
+  // Successive selections of ascending 1-based positions on the whole row: picked[p] = index at positions[p].
+  void select_all(const uint32_t* keys, const std::vector<int64_t>& positions, int64_t* picked) {
+    uint64_t* c = candidates_.data();
+    fill_composites(keys, n_, c);
+    int64_t lo = 0;
+    for (size_t p = 0; p < positions.size(); ++p) {
+      const int64_t at = positions[p] - 1;
+      std::nth_element(c + lo, c + at, c + n_, std::greater<uint64_t>());
+      picked[p] = composite_index(c[at]);
+      lo = at + 1;
+    }
+  }
+
+ private:
+  int64_t n_;
+  std::vector<uint32_t> hist_;
+  std::vector<uint64_t> candidates_;
+};
+
 at::Tensor row_select(const at::Tensor& x_in, bool magnitude, at::IntArrayRef ks) {
   constexpr const char* op = "row_select";
   const at::Tensor x = checked_rows(x_in, op);
@@ -578,8 +651,7 @@ at::Tensor row_select(const at::Tensor& x_in, bool magnitude, at::IntArrayRef ks
   }
   at::Tensor out = at::empty({rows, m}, at::kLong);
   if (m == 0) return out;
-  // Distinct positions ascending, each selected once inside what the previous selection left to its right.
-  std::vector<int64_t> positions(ks.begin(), ks.end());
+  std::vector<int64_t> positions(ks.begin(), ks.end());  // distinct, ascending
   std::sort(positions.begin(), positions.end());
   positions.erase(std::unique(positions.begin(), positions.end()), positions.end());
   std::vector<size_t> slot(m);
@@ -589,16 +661,15 @@ at::Tensor row_select(const at::Tensor& x_in, bool magnitude, at::IntArrayRef ks
   int64_t* result = out.data_ptr<int64_t>();
   parallel_rows(rows, n, [&](int64_t first, int64_t end) {
     RowKeys row_keys(x, magnitude);
-    std::vector<uint64_t> c(n);
+    RowSelector selector(n);
     std::vector<int64_t> picked(positions.size());
     for (int64_t r = first; r < end; ++r) {
-      fill_composites(row_keys(r), n, c.data());
-      int64_t lo = 0;
-      for (size_t p = 0; p < positions.size(); ++p) {
-        const int64_t at = positions[p] - 1;
-        std::nth_element(c.begin() + lo, c.begin() + at, c.end(), std::greater<uint64_t>());
-        picked[p] = composite_index(c[at]);
-        lo = at + 1;
+      const uint32_t* keys = row_keys(r);
+      if (selector.radix(positions.size())) {
+        selector.count(keys);
+        for (size_t p = 0; p < positions.size(); ++p) picked[p] = composite_index(selector.kth(keys, positions[p]));
+      } else {
+        selector.select_all(keys, positions, picked.data());
       }
       for (int64_t j = 0; j < m; ++j) result[r * m + j] = picked[slot[j]];
     }
@@ -616,14 +687,21 @@ at::Tensor row_topk_mask(const at::Tensor& x_in, bool magnitude, int64_t k) {
   at::Tensor out = at::empty(x.sizes(), at::kBool);
   uint8_t* mask = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   const int64_t rows = x.size(0);
+  const std::vector<int64_t> position{k};
   parallel_rows(rows, n, [&](int64_t first, int64_t end) {
     RowKeys row_keys(x, magnitude);
-    std::vector<uint64_t> c(n);
+    RowSelector selector(n);
+    int64_t index = 0;
     for (int64_t r = first; r < end; ++r) {
       const uint32_t* keys = row_keys(r);
-      fill_composites(keys, n, c.data());
-      std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), std::greater<uint64_t>());
-      const uint64_t kth = c[k - 1];  // keep exactly the composites >= the k-th largest
+      if (selector.radix(1)) {
+        selector.count(keys);
+        index = composite_index(selector.kth(keys, k));
+      } else {
+        selector.select_all(keys, position, &index);
+      }
+      // keep exactly the composites >= the k-th largest
+      const uint64_t kth = composite(keys[index], index);
       uint8_t* row = mask + r * n;
       for (int64_t j = 0; j < n; ++j) row[j] = composite(keys[j], j) >= kth;
     }
