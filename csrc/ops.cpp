@@ -29,7 +29,7 @@ TORCH_LIBRARY(pykernels, m) {
   // Philox uniforms, bit-identical to triton.language.rand(seed, offset + arange(n)): float32 (n,).
   m.def("philox_uniform(int seed, int offset, int n) -> Tensor");
 
-  // Family 2: order statistics on order-preserving uint32 keys (docs/CONTRACT_ISSUE3.md, reference.selection).
+  // Family 2: order statistics on order-preserving uint32 keys (docs/PRIMITIVES.md, reference.selection).
   m.def("key_histogram(Tensor x, bool magnitude, int[] buckets) -> Tensor");
   m.def("key_mask(Tensor x, bool magnitude, int key, int ties) -> Tensor");
   m.def("key_find(Tensor x, bool magnitude, int key, int rank) -> Tensor");

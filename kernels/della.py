@@ -1,4 +1,4 @@
-"""Triton kernels of DELLA (docs/CONTRACT_ISSUE3.md "DELLA"; reference: pykernels/reference/della.py).
+"""Triton kernels of DELLA (docs/PRIMITIVES.md "DELLA"; reference: pykernels/reference/della.py).
 
 ``della_l1_norms`` and ``della_merge`` have the signatures and results of the reference (merge outputs bit for
 bit; norms to float64 rounding). The per-element helpers (model table, dtype loads, magnitude keys, output casts,

@@ -1,7 +1,7 @@
 """Triton order-statistics primitives on order-preserving keys, plus thin launchers.
 
 The launchers have the signatures and return values of ``pykernels.reference.selection`` (key_histogram,
-key_mask, key_find, row_select, row_topk_mask, row_rank); docs/CONTRACT_ISSUE3.md has the exact semantics.
+key_mask, key_find, row_select, row_topk_mask, row_rank); docs/PRIMITIVES.md has the exact semantics.
 Results are bit-identical to the reference (they are integers and masks). This module imports only torch and
 triton, so it works as ``pykernels.kernels.selection`` and standalone.
 
@@ -96,7 +96,7 @@ def _load_bits(x_ptr, offs, mask):
 
 @triton.jit
 def _order_key(bits, MAGNITUDE: tl.constexpr):
-    """uint32 order key (as int64) of the float32 with int32 bits `bits` (docs/CONTRACT_ISSUE3.md)."""
+    """uint32 order key (as int64) of the float32 with int32 bits `bits` (docs/PRIMITIVES.md)."""
     one = tl.full((), 1, tl.int64)
     sign = one << 31  # 0x80000000
     absb = (bits & 0x7FFFFFFF).to(tl.int64)  # non-negative

@@ -1,7 +1,7 @@
 """Triton kernels of the element-wise statistics across N tensors (trimmed_mean, sign_count), plus launchers.
 
 The launchers have the signatures and return values of ``pykernels.reference.statistics`` (see
-docs/CONTRACT_ISSUE3.md); results are bit-identical to it.
+docs/PRIMITIVES.md); results are bit-identical to it.
 
 Design
 ------

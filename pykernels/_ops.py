@@ -1,7 +1,7 @@
 """torch.library glue: fake implementations of the C++ ops, and the Triton kernels as custom ops.
 
 Every backend exposes the same primitives (Primitives below; see pykernels/reference for their meaning and
-docs/CONTRACT_ISSUE3.md for the order-statistics, statistics and DELLA ones).
+docs/PRIMITIVES.md for the order-statistics, statistics and DELLA ones).
 """
 from __future__ import annotations
 

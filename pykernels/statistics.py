@@ -3,7 +3,7 @@
 Each statistic reduces, element by element, the N task-vector values v_i = tensors[i] - base (or the tensors
 themselves without a base), computed in float32 from any mix of float32 / bfloat16 / float16 inputs. The N
 values are never stacked: every backend streams over the elements and sorts the N values of each element in
-registers or cache (docs/CONTRACT_ISSUE3.md, primitives ``trimmed_mean`` and ``sign_count``).
+registers or cache (docs/PRIMITIVES.md, primitives ``trimmed_mean`` and ``sign_count``).
 
 Results are float32 computations rounded once to ``out_dtype``, bit-identical across backends: the kept values
 are summed in ascending order starting from the smallest, then divided by their count. Ties between -0.0 and

@@ -1,4 +1,4 @@
-"""DELLA primitives (docs/CONTRACT_ISSUE3.md "DELLA"): every backend against the reference, and the reference
+"""DELLA primitives (docs/PRIMITIVES.md "DELLA"): every backend against the reference, and the reference
 against independent checks (keep rates per rank, mergekit's della_magprune and della merges).
 
 della_merge must be bit-identical to the reference (same float32 operations in the same order; NaN positions

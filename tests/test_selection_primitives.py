@@ -1,4 +1,4 @@
-"""Order-statistics primitives (docs/CONTRACT_ISSUE3.md, module `selection`) on every backend.
+"""Order-statistics primitives (docs/PRIMITIVES.md, module `selection`) on every backend.
 
 Three layers:
 - every backend's key_histogram / key_mask / key_find / row_select / row_topk_mask / row_rank equals the

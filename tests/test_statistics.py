@@ -1,4 +1,4 @@
-"""Element-wise statistics across N tensors: median, trimmed_mean, sign_count (docs/CONTRACT_ISSUE3.md).
+"""Element-wise statistics across N tensors: median, trimmed_mean, sign_count (docs/PRIMITIVES.md).
 
 * every backend against the reference, bit for bit (non-NaN bits equal, including the sign of zeros; NaN at
   the same positions), over N, shapes (odd, empty, 0-d, 1-element, non-contiguous), dtypes (fp32, bf16,

@@ -1,4 +1,4 @@
-// CPU kernels of DELLA (docs/CONTRACT_ISSUE3.md "DELLA"; reference: pykernels/reference/della.py):
+// CPU kernels of DELLA (docs/PRIMITIVES.md "DELLA"; reference: pykernels/reference/della.py):
 // della_l1_norms and della_merge, each ONE streaming pass over the inputs, fused per row.
 //
 // The inputs are read in their ranking layout: rows = numel / n rows of n = shape[-1] elements (0-d: one row of

@@ -1,4 +1,4 @@
-// CPU order statistics on order-preserving uint32 keys (docs/CONTRACT_ISSUE3.md; reference:
+// CPU order statistics on order-preserving uint32 keys (docs/PRIMITIVES.md; reference:
 // pykernels/reference/selection.py): key_histogram, key_mask, key_find over the flat tensor, and row_select,
 // row_topk_mask, row_rank over the rows of a 2-D tensor.
 //

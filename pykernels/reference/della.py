@@ -1,4 +1,4 @@
-"""Reference DELLA (docs/CONTRACT_ISSUE3.md, section "DELLA"): rank-dependent random keep, fused with the merge.
+"""Reference DELLA (docs/PRIMITIVES.md, section "DELLA"): rank-dependent random keep, fused with the merge.
 
 Plain PyTorch, written to be obviously right, never fast. The inputs are read in their ranking layout: rows =
 numel // shape[-1] rows of n = shape[-1] elements (a 1-D tensor is one row, a 0-d tensor one row of 1), and

@@ -50,7 +50,7 @@ def delta_topk_thresholds(base, tensors, ks) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64).reshape(len(tensors), 2)
 
 
-# --- order statistics on order-preserving keys (docs/CONTRACT_ISSUE3.md) ----------------------------------
+# --- order statistics on order-preserving keys (docs/PRIMITIVES.md) ----------------------------------
 
 ORDER_NAN_KEY = 0xFFFFFFFF  # every NaN: above +inf, in its own top bucket
 SIGNED_ZERO_KEY = 0x80000000

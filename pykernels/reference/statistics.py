@@ -1,4 +1,4 @@
-"""Reference element-wise statistics across N tensors (docs/CONTRACT_ISSUE3.md), plain PyTorch, for clarity.
+"""Reference element-wise statistics across N tensors (docs/PRIMITIVES.md), plain PyTorch, for clarity.
 
 For every element j, the N task-vector values v_i[j] = float32(tensors[i][j]) - float32(base[j]) (or
 float32(tensors[i][j]) without a base) are reduced to one value:
