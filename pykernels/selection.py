@@ -303,7 +303,7 @@ def _quantile_rows(ops, x, q_t, dim, interpolation, nan, keepdim) -> torch.Tenso
         raise ValueError(f"quantile() needs a non-empty dimension, dim {dim} has size 0")
     below, above, weights = _quantile_positions(q_t, n, interpolation)
     rows, moved = _rows(x, dim)
-    has_nan = torch.isnan(rows).any(1) if rows.is_floating_point() else None
+    has_nan = torch.isnan(rows).any(1)
     if nan == "raise" and bool(has_nan.any()):
         raise _nan_error("x")
     positions = torch.cat([below, above])  # ascending, 0-based
@@ -399,7 +399,7 @@ class StreamingThreshold:
         if k == 0:
             return Threshold(KEEP_NONE, math.nan, 0, [0] * self.count, self)
         tensor_at = tensors if callable(tensors) else tensors.__getitem__
-        per_tensor_lows: list[torch.Tensor] = []
+        per_tensor_lows: list[tuple[torch.Tensor, torch.Tensor]] = []  # non-zero (bins, counts): small
 
         def low_hist(buckets: list[int]) -> torch.Tensor:
             total = torch.zeros((len(buckets), BUCKETS), dtype=torch.int64)
@@ -409,13 +409,14 @@ class StreamingThreshold:
                     raise ValueError(f"tensor {i} has {t.numel()} elements at resolve() but had {self.numels[i]} "
                                      f"at update(): pass the same tensors in the same order")
                 low = _ops_for(t, self.backend).key_histogram(t, self.magnitude, buckets).cpu()
-                per_tensor_lows.append(low[0])
+                bins = low[0].nonzero().reshape(-1)
+                per_tensor_lows.append((bins, low[0, bins]))
                 total += low
             return self._reduce(total)
 
         sel = _refine(self.high, [k], low_hist)
         key, tie_rank = sel.keys[0], sel.tie_ranks[0]
-        ties_here = [int(low[key & 0xFFFF]) for low in per_tensor_lows]
+        ties_here = [int(counts[bins == (key & 0xFFFF)].sum()) for bins, counts in per_tensor_lows]
         return Threshold(key, _float_of_key(key, self.magnitude), self._local_ties_kept(tie_rank, ties_here),
                          ties_here, self)
 
