@@ -360,7 +360,9 @@ def streaming_threshold_run(layers: int, density: float = 0.1) -> dict:
 def measure_streaming_in_subprocess(layers: int, threads: int = 2) -> dict:
     code = ("import json; from pykernels.benchmarking import streaming_threshold_run; "
             f"print(json.dumps(streaming_threshold_run({layers})))")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # Freed tensors below glibc's dynamic mmap threshold (up to 32 MiB) stay in fragmented heap arenas and
+    # inflate VmHWM with memory nothing holds; mmap-ing every allocation >= 1 MiB measures live memory.
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}

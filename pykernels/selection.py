@@ -409,6 +409,7 @@ class StreamingThreshold:
                     raise ValueError(f"tensor {i} has {t.numel()} elements at resolve() but had {self.numels[i]} "
                                      f"at update(): pass the same tensors in the same order")
                 low = _ops_for(t, self.backend).key_histogram(t, self.magnitude, buckets).cpu()
+                del t  # before the next tensor is read: one tensor in memory at a time
                 bins = low[0].nonzero().reshape(-1)
                 per_tensor_lows.append((bins, low[0, bins]))
                 total += low
