@@ -18,6 +18,7 @@ the last contiguous dimension, and per-thread row buffers.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -71,7 +72,7 @@ def _float_of_key(key: int, magnitude: bool) -> float:
         bits = key
     else:
         bits = key & 0x7FFFFFFF if key >= SIGNED_ZERO_KEY else key ^ 0xFFFFFFFF
-    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 # --- whole-tensor radix select --------------------------------------------------------------------------------
