@@ -96,7 +96,6 @@ struct RowWork {
         keep(n),
         bad(n),
         keys(n),
-        order(n),
         ranks(n),
         acc(n),
         mixed(n),
@@ -109,7 +108,7 @@ struct RowWork {
   std::vector<float> d;        // (models, n): d, then (merge) the sparsified values s
   std::vector<uint8_t> keep;   // the norms' keep flags
   std::vector<uint8_t> bad;    // an input is NaN/Inf at this element
-  std::vector<uint32_t> keys, order;
+  std::vector<uint32_t> keys;
   std::vector<int32_t> ranks;  // 1-based
   RowSortScratch sort;
   std::vector<float> acc, mixed, div;  // the combination (acc: mixed without consensus, else the election total)
@@ -175,7 +174,7 @@ void model_row(const DellaRule& rule, const float* x, const float* b, int64_t st
   const bool ranked = rule.step != 0.f;
   if (ranked) {
     for (int64_t j = 0; j < n; ++j) w.keys[j] = magnitude_key(d[j]);
-    stable_key_ranks(w.keys.data(), n, w.order.data(), w.ranks.data(), w.sort);
+    stable_key_ranks(w.keys.data(), n, w.ranks.data(), w.sort);
   }
   with_bool(ranked, [&](auto r) {
     with_bool(inverse, [&](auto inv) {

@@ -32,8 +32,11 @@ struct RowSortScratch {
 
 inline uint32_t row_digit(uint32_t key, int d) { return (key >> (d * kRowDigitBits)) & (kRowDigitBins - 1); }
 
-// order[i] = index of the i-th smallest key (ties in ascending index order), for rows of n < 2^32 keys.
-inline void stable_key_order(const uint32_t* keys, int64_t n, uint32_t* order, RowSortScratch& scratch) {
+// LSD passes over the digits that differ; the last pass hands each element's final (slot, index) to
+// place(slot, index) instead of writing the scratch arrays (so ranks are scattered once, not sorted then
+// scattered). Rows of n < 2^32 keys.
+template <typename Place>
+inline void stable_key_sort(const uint32_t* keys, int64_t n, RowSortScratch& scratch, const Place& place) {
   if (n == 0) return;
   scratch.reserve(n);
   static thread_local uint32_t counts[kRowDigits][kRowDigitBins];
@@ -41,20 +44,34 @@ inline void stable_key_order(const uint32_t* keys, int64_t n, uint32_t* order, R
   for (int64_t j = 0; j < n; ++j) {
     for (int d = 0; d < kRowDigits; ++d) ++counts[d][row_digit(keys[j], d)];
   }
+  int passes[kRowDigits];
+  int active = 0;
+  for (int d = 0; d < kRowDigits; ++d) {
+    if (counts[d][row_digit(keys[0], d)] != static_cast<uint32_t>(n)) passes[active++] = d;  // digit differs
+  }
+  if (active == 0) {
+    for (int64_t j = 0; j < n; ++j) place(static_cast<uint32_t>(j), static_cast<uint32_t>(j));
+    return;
+  }
   const uint32_t* src_keys = keys;
   const uint32_t* src_index = nullptr;  // identity before the first pass
-  int buffer = 0;
-  for (int d = 0; d < kRowDigits; ++d) {
+  for (int p = 0; p < active; ++p) {
+    const int d = passes[p];
     uint32_t* count = counts[d];
-    if (count[row_digit(keys[0], d)] == static_cast<uint32_t>(n)) continue;  // one shared digit: order unchanged
     uint32_t offset = 0;
     for (uint32_t b = 0; b < kRowDigitBins; ++b) {
       const uint32_t c = count[b];
       count[b] = offset;
       offset += c;
     }
-    uint32_t* dst_keys = scratch.keys[buffer].data();
-    uint32_t* dst_index = scratch.index[buffer].data();
+    if (p + 1 == active) {
+      for (int64_t j = 0; j < n; ++j) {
+        place(count[row_digit(src_keys[j], d)]++, src_index ? src_index[j] : static_cast<uint32_t>(j));
+      }
+      return;
+    }
+    uint32_t* dst_keys = scratch.keys[p & 1].data();
+    uint32_t* dst_index = scratch.index[p & 1].data();
     for (int64_t j = 0; j < n; ++j) {
       const uint32_t key = src_keys[j];
       const uint32_t slot = count[row_digit(key, d)]++;
@@ -63,21 +80,19 @@ inline void stable_key_order(const uint32_t* keys, int64_t n, uint32_t* order, R
     }
     src_keys = dst_keys;
     src_index = dst_index;
-    buffer ^= 1;
   }
-  if (src_index == nullptr) {
-    for (int64_t j = 0; j < n; ++j) order[j] = static_cast<uint32_t>(j);
-  } else {
-    std::memcpy(order, src_index, n * sizeof(uint32_t));
-  }
+}
+
+// order[i] = index of the i-th smallest key (ties in ascending index order).
+inline void stable_key_order(const uint32_t* keys, int64_t n, uint32_t* order, RowSortScratch& scratch) {
+  stable_key_sort(keys, n, scratch, [order](uint32_t slot, uint32_t index) { order[slot] = index; });
 }
 
 // ranks[j] = 1-based position of element j in the stable ascending order of keys.
 template <typename Rank>
-inline void stable_key_ranks(const uint32_t* keys, int64_t n, uint32_t* order, Rank* ranks,
-                             RowSortScratch& scratch) {
-  stable_key_order(keys, n, order, scratch);
-  for (int64_t i = 0; i < n; ++i) ranks[order[i]] = static_cast<Rank>(i + 1);
+inline void stable_key_ranks(const uint32_t* keys, int64_t n, Rank* ranks, RowSortScratch& scratch) {
+  stable_key_sort(keys, n, scratch,
+                  [ranks](uint32_t slot, uint32_t index) { ranks[index] = static_cast<Rank>(slot + 1); });
 }
 
 }  // namespace cpu

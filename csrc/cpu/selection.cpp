@@ -718,10 +718,9 @@ at::Tensor row_rank(const at::Tensor& x_in, bool magnitude) {
   int64_t* ranks = out.data_ptr<int64_t>();
   parallel_rows(rows, n, [&](int64_t first, int64_t end) {
     RowKeys row_keys(x, magnitude);
-    std::vector<uint32_t> order(n);
     RowSortScratch scratch;
     for (int64_t r = first; r < end; ++r) {
-      stable_key_ranks(row_keys(r), n, order.data(), ranks + r * n, scratch);
+      stable_key_ranks(row_keys(r), n, ranks + r * n, scratch);
     }
   });
   return out;
