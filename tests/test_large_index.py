@@ -38,3 +38,23 @@ def test_random_mask_beyond_2_31(big):
     expected = philox_uniform(9, tail) < 0.5  # model 0's stream is the seed itself
     assert torch.equal(out[-4096:] != 0, expected)
     del out
+
+
+def test_order_statistics_beyond_2_31(big):
+    big[NUMEL - 3] = 4.0  # the maximum, past index 2^31
+    big[2**31 + 1] = 0.0  # two tied minima: which zero is selected decides the sign
+    big[NUMEL - 9] = -0.0
+    try:
+        assert pk.kth_largest(big, 1).item() == 4.0
+        last = pk.kth_largest(big, NUMEL)  # descending stable order: the higher-index zero comes last
+        assert last.item() == 0.0 and last.signbit()
+        first = pk.quantile(big, 0.0, interpolation="lower")  # ascending stable order: the lower-index zero first
+        assert first.item() == 0.0 and not first.signbit()
+        mask = pk.topk_mask(big, 2**31 + 2)  # the 4.0 plus the first 2^31 + 1 ones, in index order
+        assert int(mask.sum()) == 2**31 + 2 and bool(mask[NUMEL - 3]) and not bool(mask[NUMEL - 4])
+        del mask
+        st = pk.StreamingThreshold(2)
+        st.update(big)
+        assert st.resolve([big]).value == 1.0
+    finally:
+        big[NUMEL - 3] = big[NUMEL - 9] = big[2**31 + 1] = 1.0
