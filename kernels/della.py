@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .merging import (_DT_CODES, _Models, _cast_out, _delta, _is_finite, _load_base, _load_model, _mkey,
-                      _model_seed, _norm_final_kernel, _prepare, _sign, _static_divisor)
+from .merging import (_Models, _cast_out, _delta, _is_finite, _load_base, _load_model, _mkey,
+                      _model_seed, _norm_final_kernel, _prepare, _sign, _static_divisor, combine_args)
 
 MAX_ROW = 1 << 15  # longest row one program sorts
 _SCRATCH_BYTES = 64 << 20  # della_merge scratch budget (P x N x BLOCK_N float32)
@@ -291,21 +291,8 @@ def della_merge(base, tensors, densities, epsilons, seed, inverse, scales, weigh
     what = "della_merge"
     base, tensors, device, numel, shape = _prepare(base, tensors, what)
     n_models = len(tensors)
-    sign_source, consensus, divisor = int(sign_source), int(consensus), int(divisor)
-    if sign_source not in (0, 1):
-        raise ValueError(f"{what}: unknown sign_source code {sign_source}")
-    if consensus not in (0, 1, 2):
-        raise ValueError(f"{what}: unknown consensus code {consensus}")
-    if divisor not in (0, 1):
-        raise ValueError(f"{what}: unknown divisor code {divisor}")
-    if out_dtype not in _DT_CODES:
-        raise TypeError(f"{what}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    weights = [float(w) for w in weights]
-    if len(weights) != n_models:
-        raise ValueError(f"{what}: {len(weights)} weights for {n_models} tensors")
-    scales_t = torch.as_tensor(scales).to(device=device, dtype=torch.float32).reshape(-1).contiguous()
-    if scales_t.numel() != n_models:
-        raise ValueError(f"{what}: scales must have shape ({n_models},), got {tuple(torch.as_tensor(scales).shape)}")
+    sign_source, consensus, divisor, weights, scales_t = combine_args(
+        what, sign_source, consensus, divisor, out_dtype, weights, scales, n_models, device)
     rows, n = _row_layout(shape)
     kinds, los, steps, seeds = _rule_args(densities, epsilons, seed, n_models, n, device, what)
 

@@ -659,26 +659,34 @@ def _static_divisor(weights, divisor, n):
     return 1.0 if bool(total.abs() < 1e-8) else float(total)
 
 
+def combine_args(what, sign_source, consensus, divisor, out_dtype, weights, scales, n, device):
+    """Checked combination arguments shared by the merge launchers: (sign_source, consensus, divisor) codes,
+    float weights and the float32 scales tensor on `device`."""
+    sign_source, consensus, divisor = int(sign_source), int(consensus), int(divisor)
+    if sign_source not in (0, 1):
+        raise ValueError(f"{what}: unknown sign_source code {sign_source}")
+    if consensus not in (0, 1, 2):
+        raise ValueError(f"{what}: unknown consensus code {consensus}")
+    if divisor not in (0, 1):
+        raise ValueError(f"{what}: unknown divisor code {divisor}")
+    if out_dtype not in _DT_CODES:
+        raise TypeError(f"{what}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"{what}: {len(weights)} weights for {n} tensors")
+    scales_t = torch.as_tensor(scales).to(device=device, dtype=torch.float32).reshape(-1).contiguous()
+    if scales_t.numel() != n:
+        raise ValueError(f"{what}: scales must have shape ({n},), got {tuple(torch.as_tensor(scales).shape)}")
+    return sign_source, consensus, divisor, weights, scales_t
+
+
 def fused_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales, weights, sign_source,
                 consensus, divisor, normalize, lambda_, out_dtype) -> torch.Tensor:
     """out = base + lambda * (sum_i w_i s_i mask_i) / divisor, per element exactly merge_element()."""
     base, tensors, device, numel, shape = _prepare(base, tensors, "fused_merge")
     n = len(tensors)
-    sign_source, consensus, divisor = int(sign_source), int(consensus), int(divisor)
-    if sign_source not in (0, 1):
-        raise ValueError(f"fused_merge: unknown sign_source code {sign_source}")
-    if consensus not in (0, 1, 2):
-        raise ValueError(f"fused_merge: unknown consensus code {consensus}")
-    if divisor not in (0, 1):
-        raise ValueError(f"fused_merge: unknown divisor code {divisor}")
-    if out_dtype not in _DT_CODES:
-        raise TypeError(f"fused_merge: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise ValueError(f"fused_merge: {len(weights)} weights for {n} tensors")
-    scales_t = torch.as_tensor(scales).to(device=device, dtype=torch.float32).reshape(-1).contiguous()
-    if scales_t.numel() != n:
-        raise ValueError(f"fused_merge: scales must have shape ({n},), got {tuple(torch.as_tensor(scales).shape)}")
+    sign_source, consensus, divisor, weights, scales_t = combine_args(
+        "fused_merge", sign_source, consensus, divisor, out_dtype, weights, scales, n, device)
     sparsifier, thr, keepall, probs, seeds = _sparsifier_args(sparsifier, thresholds, keep_probs, seed, n, device)
 
     out = torch.empty(shape, dtype=out_dtype, device=device)
