@@ -45,4 +45,13 @@ TORCH_LIBRARY(pykernels, m) {
       "della_merge(Tensor? base, Tensor[] tensors, float[] densities, float[] epsilons, int seed, bool inverse, "
       "Tensor scales, float[] weights, int sign_source, int consensus, int divisor, bool normalize, float lambda_, "
       "ScalarType out_dtype) -> Tensor");
+
+  // Family 3: permuted block-sparse attention (docs/PRIMITIVES.md "Attention", reference.attention).
+  m.def("pbs_permutation(Tensor q, Tensor k, int block_size, int segment_size, float scale) -> Tensor");
+  m.def(
+      "pbs_select_blocks(Tensor q, Tensor k, Tensor perm, int block_size, int segment_size, float threshold, "
+      "bool force_first_block, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "pbs_block_attention(Tensor q, Tensor k, Tensor v, Tensor perm, Tensor offsets, Tensor indices, "
+      "int block_size, float scale) -> (Tensor, Tensor)");
 }

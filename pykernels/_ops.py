@@ -5,12 +5,13 @@ docs/PRIMITIVES.md for the order-statistics, statistics and DELLA ones).
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _backend
+from .reference import attention as ref_attention
 from .reference import della as ref_della
 from .reference import merging as ref_merging
 from .reference import selection as ref_selection
@@ -72,6 +73,20 @@ def _fake_della_merge(base, tensors, densities, epsilons, seed, inverse, scales,
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
 
+def _fake_pbs_permutation(q, k, block_size, segment_size, scale):
+    return k.new_empty(k.shape[:3], dtype=torch.int32)
+
+
+def _fake_pbs_select_blocks(q, k, perm, block_size, segment_size, threshold, force_first_block, scale):
+    nb = -(-q.shape[2] // block_size)
+    return (q.new_empty((*q.shape[:2], nb), dtype=torch.int32),
+            q.new_empty((*q.shape[:2], nb, nb), dtype=torch.int32))
+
+
+def _fake_pbs_block_attention(q, k, v, perm, offsets, indices, block_size, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 _FAKES = {
     "delta_topk_thresholds": _fake_thresholds,
     "delta_l1_norms": _fake_norms,
@@ -86,6 +101,9 @@ _FAKES = {
     "sign_count": _fake_sign_count,
     "della_l1_norms": _fake_della_norms,
     "della_merge": _fake_della_merge,
+    "pbs_permutation": _fake_pbs_permutation,
+    "pbs_select_blocks": _fake_pbs_select_blocks,
+    "pbs_block_attention": _fake_pbs_block_attention,
 }
 
 
@@ -199,6 +217,29 @@ def triton_della_merge(base: Optional[Tensor], tensors: List[Tensor], densities:
                          divisor, normalize, lambda_, out_dtype)
 
 
+@torch.library.custom_op("pykernels::triton_pbs_permutation", mutates_args=())
+def triton_pbs_permutation(q: Tensor, k: Tensor, block_size: int, segment_size: int, scale: float) -> Tensor:
+    from .kernels import attention as k_
+
+    return k_.pbs_permutation(q, k, block_size, segment_size, scale)
+
+
+@torch.library.custom_op("pykernels::triton_pbs_select_blocks", mutates_args=())
+def triton_pbs_select_blocks(q: Tensor, k: Tensor, perm: Tensor, block_size: int, segment_size: int, threshold: float,
+                             force_first_block: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    from .kernels import attention as k_
+
+    return k_.pbs_select_blocks(q, k, perm, block_size, segment_size, threshold, force_first_block, scale)
+
+
+@torch.library.custom_op("pykernels::triton_pbs_block_attention", mutates_args=())
+def triton_pbs_block_attention(q: Tensor, k: Tensor, v: Tensor, perm: Tensor, offsets: Tensor, indices: Tensor,
+                               block_size: int, scale: float) -> Tuple[Tensor, Tensor]:
+    from .kernels import attention as k_
+
+    return k_.pbs_block_attention(q, k, v, perm, offsets, indices, block_size, scale)
+
+
 _TRITON_OPS = {name: globals()[f"triton_{name}"] for name in _FAKES}
 for _name, _op in _TRITON_OPS.items():
     _op.register_fake(_FAKES[_name])
@@ -221,9 +262,12 @@ class Primitives(NamedTuple):
     sign_count: Callable
     della_l1_norms: Callable
     della_merge: Callable
+    pbs_permutation: Callable
+    pbs_select_blocks: Callable
+    pbs_block_attention: Callable
 
 
-_REFERENCE_MODULES = (ref_selection, ref_merging, ref_statistics, ref_della)
+_REFERENCE_MODULES = (ref_selection, ref_merging, ref_statistics, ref_della, ref_attention)
 
 
 def _reference_op(name: str) -> Callable:
@@ -236,8 +280,10 @@ _PRIMITIVES = {
     "triton": Primitives(**_TRITON_OPS),
 }
 if _backend.cpp_available():
-    _PRIMITIVES["cpp"] = _PRIMITIVES["cuda"] = Primitives(
-        **{name: getattr(torch.ops.pykernels, name) for name in Primitives._fields})
+    _PRIMITIVES["cpp"] = Primitives(**{name: getattr(torch.ops.pykernels, name) for name in Primitives._fields})
+    # The CUDA build has a kernel for every op but the attention plan, which runs in the Triton kernels.
+    _PRIMITIVES["cuda"] = _PRIMITIVES["cpp"]._replace(pbs_permutation=triton_pbs_permutation,
+                                                      pbs_select_blocks=triton_pbs_select_blocks)
 
 
 def primitives(backend: str) -> Primitives:
