@@ -1,6 +1,7 @@
-// CUDA implementations of the pykernels family-1 ops (schemas in csrc/ops.cpp): thin glue that checks the
-// arguments, makes the inputs contiguous, sets the device guard and the current stream, and calls the
-// launchers of csrc/cuda/merging.cu. Built only against a CUDA torch (setup.py adds it with the .cu files).
+// CUDA implementations of the pykernels family-1 ops and of pbs_block_attention (schemas in csrc/ops.cpp):
+// thin glue that checks the arguments, makes the inputs contiguous, sets the device guard and the current
+// stream, and calls the launchers of csrc/cuda/merging.cu and csrc/cuda/attention.cu. Built only against a
+// CUDA torch (setup.py adds it with the .cu files).
 //
 // Results stay on the inputs' device: delta_topk_thresholds -> int64 (N, 2), delta_l1_norms -> float64 (N, 2),
 // fused_merge -> tensor shaped like tensors[0]. Nothing here synchronises with the device (the selection
@@ -14,8 +15,11 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
+#include "cuda/attention.h"
 #include "cuda/merging.h"
 
 namespace {
@@ -212,6 +216,92 @@ at::Tensor philox_uniform_cuda(int64_t seed, int64_t offset, int64_t n) {
   return out;
 }
 
+// ---- pbs_block_attention (docs/PRIMITIVES.md "Attention") -----------------------------------------------------
+// Shapes, dtypes and devices are checked here; the plan's contents (offsets non-decreasing from 0 to
+// len(indices), indices in [0, nb), perm a permutation) are validated by the Python layer, since checking
+// them here would synchronise with the device.
+void check_attention_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& perm,
+                            const at::Tensor& offsets, const at::Tensor& indices, int64_t block_size) {
+  constexpr const char* op = "pbs_block_attention";
+  TORCH_CHECK(q.is_cuda(), "pykernels.", op, ": q must be a CUDA tensor, got device ", q.device());
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"k", &k}, {"v", &v}, {"perm", &perm}, {"offsets", &offsets}, {"indices", &indices}};
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK(t->device() == q.device(), "pykernels.", op, ": ", name, " is on ", t->device(), " but q is on ",
+                q.device());
+  }
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "pykernels.", op,
+              ": q, k, v must be 4-D (B, H, N, D), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), "pykernels.", op, ": k and v must have one shape, got ", k.sizes(), " and ",
+              v.sizes());
+  const int64_t batch = q.size(0), hq = q.size(1), n = q.size(2), d = q.size(3), hkv = k.size(1);
+  TORCH_CHECK(k.size(0) == batch && k.size(2) == n && k.size(3) == d, "pykernels.", op,
+              ": k must have shape (B, Hkv, N, D) = (", batch, ", Hkv, ", n, ", ", d, "), got ", k.sizes());
+  TORCH_CHECK(hkv >= 1 && hq % hkv == 0, "pykernels.", op, ": the kv heads (", hkv,
+              ") must divide the query heads (", hq, ")");
+  TORCH_CHECK(d == 64 || d == 80 || d == 96 || d == 128 || d == 256, "pykernels.", op,
+              ": head dim must be 64, 80, 96, 128 or 256, got ", d);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "pykernels.", op,
+              ": q, k, v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(block_size >= 16 && block_size <= (int64_t(1) << 30) && (block_size & (block_size - 1)) == 0,
+              "pykernels.", op, ": block_size must be a power of two in [16, 2^30], got ", block_size);
+  TORCH_CHECK(n <= INT32_MAX && batch <= INT32_MAX && hq <= INT32_MAX, "pykernels.", op,
+              ": B, H and N must each be below 2^31, got ", q.sizes());
+  const int64_t rows = batch * hq * ((n + block_size - 1) / block_size);
+  TORCH_CHECK(perm.scalar_type() == at::kInt && perm.dim() == 3 && perm.size(0) == batch && perm.size(1) == hkv &&
+                  perm.size(2) == n,
+              "pykernels.", op, ": perm must be int32 (", batch, ", ", hkv, ", ", n, "), got ", perm.scalar_type(), " ",
+              perm.sizes());
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == rows + 1,
+              "pykernels.", op, ": offsets must be int64 (", rows + 1, ",), got ", offsets.scalar_type(), " ",
+              offsets.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kInt && indices.dim() == 1, "pykernels.", op,
+              ": indices must be 1-D int32, got ", indices.scalar_type(), " ", indices.sizes());
+}
+
+// The kernel reads any batch / head / token strides but needs a contiguous last dim.
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> pbs_block_attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& perm,
+                                                             const at::Tensor& offsets, const at::Tensor& indices,
+                                                             int64_t block_size, double scale) {
+  constexpr const char* op = "pbs_block_attention";
+  check_attention_shapes(q, k, v, perm, offsets, indices, block_size);
+  const int dtype = dtype_code(q.scalar_type(), op, "q");
+  c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const at::Tensor qc = last_dim_contiguous(q), kc = last_dim_contiguous(k), vc = last_dim_contiguous(v);
+  const at::Tensor perm_c = perm.contiguous(), offsets_c = offsets.contiguous(), indices_c = indices.contiguous();
+  pykernels::gpu::BlockAttentionArgs a{};
+  a.q = qc.data_ptr();
+  a.k = kc.data_ptr();
+  a.v = vc.data_ptr();
+  for (int dim = 0; dim < 3; ++dim) {
+    a.q_strides[dim] = qc.stride(dim);
+    a.k_strides[dim] = kc.stride(dim);
+    a.v_strides[dim] = vc.stride(dim);
+  }
+  a.perm = perm_c.data_ptr<int32_t>();
+  a.offsets = offsets_c.data_ptr<int64_t>();
+  a.indices = indices_c.data_ptr<int32_t>();
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  a.batch = static_cast<int>(q.size(0));
+  a.heads_q = static_cast<int>(q.size(1));
+  a.heads_kv = static_cast<int>(k.size(1));
+  a.n = q.size(2);
+  a.d = static_cast<int>(q.size(3));
+  a.block_size = static_cast<int>(block_size);
+  a.scale = static_cast<float>(scale);
+  a.dtype = dtype;
+  check_launch(pykernels::gpu::launch_pbs_block_attention(a, stream), op);
+  return {out, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
@@ -219,4 +309,5 @@ TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("delta_l1_norms", &delta_l1_norms_cuda);
   m.impl("fused_merge", &fused_merge_cuda);
   m.impl("philox_uniform", &philox_uniform_cuda);
+  m.impl("pbs_block_attention", &pbs_block_attention_cuda);
 }
