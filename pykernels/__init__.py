@@ -1,5 +1,6 @@
 """pykernels: fused kernels for model merging, order statistics, block-sparse attention and MoE routing."""
 from . import _ops  # noqa: F401  (registers the operators and their fake implementations)
+from .attention import PBSPlan, block_sparse_attention, pbs_attention, pbs_plan
 from .merging import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, linear, merge,
                       sce, sparsify, task_arithmetic, ties)
 from .model_merging import merge_model
@@ -10,4 +11,4 @@ __version__ = "0.1.0"
 __all__ = ["METHODS", "merge", "sparsify", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "merge_model",
            "delta_topk_thresholds", "topk_mask", "kth_largest", "quantile", "rank", "StreamingThreshold",
-           "median", "trimmed_mean", "sign_count"]
+           "median", "trimmed_mean", "sign_count", "pbs_attention", "pbs_plan", "block_sparse_attention", "PBSPlan"]

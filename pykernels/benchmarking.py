@@ -134,6 +134,13 @@ def time_fn(fn, args, repeats: int) -> float:
     return statistics.median(times)
 
 
+def time_once(fn, args) -> float:
+    """One cold call (for implementations too slow to repeat)."""
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -367,3 +374,123 @@ def measure_streaming_in_subprocess(layers: int, threads: int = 2) -> dict:
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- attention (PBS-Attn) -------------------------------------------------------------------------------
+
+ATTENTION_SIZES = {"default": (4096, 8192, 16384), "small": (1024, 2048), "tiny": (512,)}
+ATTENTION_SHAPE = dict(batch=1, q_heads=8, kv_heads=2, head_dim=128)
+ATTENTION_PLAN = dict(block_size=128, segment_size=256)
+
+
+def topic_qkv(n: int, dtype=torch.float32, seed: int = 0, topics: int = 4, run: int = 512, strength: float = 1.5):
+    """q, k, v (1, 8, n, 128) / (1, 2, n, 128) with long-context structure: tokens come in runs of `run` on one of
+    `topics` topics (queries and keys of a topic share a direction, so a query attends mostly to its topic's
+    keys wherever they are), plus a strong first token. At threshold 0.9 the PBS plan keeps ~20-45% of blocks."""
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, d = (ATTENTION_SHAPE[key] for key in ("batch", "q_heads", "kv_heads", "head_dim"))
+    centers = torch.nn.functional.normalize(torch.randn(topics, d, generator=g), dim=-1) * math.sqrt(d) * strength
+    topic = torch.randint(topics, (b, -(-n // run)), generator=g).repeat_interleave(run, 1)[:, :n]
+    q = torch.randn(b, hq, n, d, generator=g) + centers[topic].unsqueeze(1)
+    k = torch.randn(b, hkv, n, d, generator=g) + centers[topic].unsqueeze(1)
+    k[:, :, 0] = 4 * centers.mean(0) * math.sqrt(topics)
+    v = torch.randn(b, hkv, n, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def random_qkv(n: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, d = (ATTENTION_SHAPE[key] for key in ("batch", "q_heads", "kv_heads", "head_dim"))
+    return tuple(torch.randn(b, h, n, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
+
+
+def _sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def attention_implementations(threshold: float) -> dict[str, Callable]:
+    """name -> fn(q, k, v): the dense baseline, our kernel end to end, and the reference."""
+    import pykernels as pk
+
+    def pbs(backend):
+        return lambda q, k, v: pk.pbs_attention(q, k, v, threshold=threshold, backend=backend, **ATTENTION_PLAN)
+
+    return {"sdpa": _sdpa, "cpp": pbs("cpp"), "reference": pbs("reference")}
+
+
+def attention_row(n: int, dtype: str, inputs: str, threshold: float, repeats: int = 3,
+                  with_reference: bool = True) -> dict:
+    """Times (plan and attention apart), density and error vs dense SDPA for one input, in this process."""
+    import pykernels as pk
+
+    make = topic_qkv if inputs == "topics" else random_qkv
+    q, k, v = make(n, getattr(torch, dtype))
+    row = {"n": n, "dtype": dtype, "inputs": inputs, "threshold": threshold}
+    plan_fn = lambda q, k: pk.pbs_plan(q, k, threshold=threshold, backend="cpp", **ATTENTION_PLAN)  # noqa: E731
+    plan = plan_fn(q, k)
+    row["density"] = plan.density
+    row["plan"] = {"seconds": time_fn(plan_fn, (q, k), repeats)}
+    row["attention"] = {"seconds": time_fn(lambda: pk.block_sparse_attention(q, k, v, plan, backend="cpp"), (),
+                                           repeats)}
+    row["cpp"] = {"seconds": row["plan"]["seconds"] + row["attention"]["seconds"]}
+    row["sdpa"] = {"seconds": time_fn(_sdpa, (q, k, v), repeats)}
+    out = pk.block_sparse_attention(q, k, v, plan, backend="cpp").float()
+    row["max_abs_diff_vs_sdpa"] = (out - _sdpa(q.float(), k.float(), v.float())).abs().max().item()
+    if with_reference:
+        ref_fn = attention_implementations(threshold)["reference"]
+        row["reference"] = {"seconds": time_once(ref_fn, (q, k, v))}
+    return row
+
+
+def measure_attention_memory(n: int, dtype: str, impl: str, threshold: float = 0.9) -> dict:
+    """Peak extra resident memory of one first call of `impl`, in this (fresh) process."""
+    q, k, v = topic_qkv(n, getattr(torch, dtype))
+    return {"peak_extra_bytes": peak_extra_bytes(attention_implementations(threshold)[impl], (q, k, v))}
+
+
+def attention_memory_in_subprocess(n: int, dtype: str, impl: str, threads: int) -> dict:
+    code = ("import json, torch; from pykernels.benchmarking import measure_attention_memory; "
+            f"torch.set_num_threads({threads}); print(json.dumps(measure_attention_memory({n}, {dtype!r}, {impl!r})))")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def attention_table(size: str = "default", threads: int = 2, repeats: int = 3, progress=print) -> list[dict]:
+    """Every size x dtype: structured inputs at threshold 0.9 and 1.0 (dense plan), random inputs at 0.9; the
+    reference beside them up to 8192 tokens (minutes beyond); peak memory at the largest size."""
+    torch.set_num_threads(threads)
+    rows = []
+    sizes = ATTENTION_SIZES[size]
+    for dtype in ("float32", "bfloat16"):
+        for n in sizes:
+            for inputs, threshold in (("topics", 0.9), ("topics", 1.0), ("random", 0.9)):
+                progress(f"  attention n={n} {dtype} {inputs} threshold={threshold} ...")
+                rows.append(attention_row(n, dtype, inputs, threshold, repeats,
+                                          with_reference=threshold == 0.9 and inputs == "topics" and n <= 8192))
+        for impl in ("sdpa", "cpp"):
+            progress(f"  attention memory n={sizes[-1]} {dtype} {impl} ...")
+            rows[-1][f"memory_{impl}"] = attention_memory_in_subprocess(sizes[-1], dtype, impl, threads)
+    return rows
+
+
+def format_attention_table(rows: list[dict]) -> str:
+    """Markdown: ours (plan + attention) beside dense SDPA and the reference, as ratios measured in one run."""
+    lines = ["| N | dtype | inputs | threshold | density | plan ms | attention ms | SDPA ms | SDPA / ours | "
+             "reference / ours | max abs diff vs fp32 SDPA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours = r["cpp"]["seconds"]
+        ref = f"{r['reference']['seconds'] / ours:.1f}" if "reference" in r else "n/a"
+        lines.append(f"| {r['n']} | {r['dtype']} | {r['inputs']} | {r['threshold']} | {r['density']:.3f} | "
+                     f"{r['plan']['seconds'] * 1e3:.0f} | {r['attention']['seconds'] * 1e3:.0f} | "
+                     f"{r['sdpa']['seconds'] * 1e3:.0f} | {r['sdpa']['seconds'] / ours:.2f} | {ref} | "
+                     f"{r['max_abs_diff_vs_sdpa']:.1e} |")
+    memory = [(r["dtype"], r["n"], r["memory_sdpa"], r["memory_cpp"]) for r in rows if "memory_cpp" in r]
+    for dtype, n, sdpa, ours in memory:
+        if "peak_extra_bytes" in sdpa and "peak_extra_bytes" in ours:
+            lines.append(f"\npeak extra memory, N={n} {dtype}: pbs_attention {ours['peak_extra_bytes'] / 2**20:.1f} MiB,"
+                         f" SDPA {sdpa['peak_extra_bytes'] / 2**20:.1f} MiB "
+                         f"({ours['peak_extra_bytes'] / sdpa['peak_extra_bytes']:.2f}x)")
+    return "\n".join(lines)

@@ -46,6 +46,11 @@ def bench(args) -> int:
             print(f"StreamingThreshold over a synthetic {stream.get('parameters', 0) / 1e9:.2f}B-parameter model "
                   f"streamed tensor by tensor: {stream}")
             results["streaming"] = stream
+    if args.family in ("attention", "all"):
+        print(f"pykernels bench: PBS-Attn, B=1 Hq=8 Hkv=2 D=128, block 128 segment 256, {args.threads} threads")
+        rows = b.attention_table(args.size, threads=args.threads, repeats=args.repeats, progress=progress)
+        print(b.format_attention_table(rows))
+        results["attention"] = rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -98,6 +103,14 @@ def _check_cases(base, tensors):
         "statistics.trimmed_mean": lambda be: pk.trimmed_mean(tensors + [base], 0.2, backend=be),
         "statistics.sign_count": lambda be: pk.sign_count(tensors, base=base, backend=be),
     })
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 300, 64, generator=g) for h in (4, 2, 2))
+    cases.update({
+        "attention.pbs_attention": lambda be: pk.pbs_attention(q, k, v, block_size=32, segment_size=64, backend=be),
+        "attention.pbs_plan.perm": lambda be: pk.pbs_plan(q, k, block_size=32, segment_size=64, backend=be).perm,
+        "attention.pbs_plan.blocks": lambda be: pk.pbs_plan(q, k, block_size=32, segment_size=64,
+                                                            backend=be).block_mask(),
+    })
     return cases
 
 
@@ -127,7 +140,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pykernels")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("bench", help="run the benchmark suite (each kernel vs reference vs peers vs floor)")
-    p.add_argument("--family", default="all", choices=["merging", "selection", "all"])
+    p.add_argument("--family", default="all", choices=["merging", "selection", "attention", "all"])
     p.add_argument("--size", default="default", choices=["default", "small", "tiny"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)

@@ -13,18 +13,8 @@ from pykernels.reference import attention as ref
 
 from conftest import backend_params
 
-def _built(param) -> bool:
-    # TEMPORARY while the cpp and triton kernels land (issue 4): backends without attention kernels are skipped
-    import importlib.util
-    if param.values[0] == "cpp":
-        return torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::pbs_block_attention", "CPU")
-    if param.values[0] == "triton":
-        return importlib.util.find_spec("pykernels.kernels.attention") is not None
-    return True
-
-
-BACKENDS = [p for p in backend_params() if _built(p)]
-KERNELS = [p for p in backend_params(include_reference=False) if _built(p)]
+BACKENDS = backend_params()
+KERNELS = backend_params(include_reference=False)
 
 
 def make_qkv(batch, hq, hkv, n, d, dtype=torch.float32, seed=0, clusters=0):
@@ -217,8 +207,9 @@ def test_backend_matches_reference(backend, hq, hkv, n, d, bs, seg, threshold):
     assert torch.equal(plan.offsets, ref_plan.offsets)
     assert torch.equal(plan.indices, ref_plan.indices)
     assert plan.density == ref_plan.density
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+    # clustered inputs give logits of 100-300: one float32 rounding of a logit is already ~3e-5
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -20,7 +20,7 @@
 // Block sizes are constants, never derived from the thread count, so the result is the same for any number of
 // threads; every key of a segment goes through the same operations in the same order (one group holds whole
 // segments), so equal keys get bit-equal masses and keep their index order, as in the reference.
-// Memory per thread: the logits buffer (kRowBlock x G*S doubles, 16 MiB at N = 16384) and a 384-row float64
+// Memory per thread: the logits buffer (kRowBlock x G*S doubles, 4 MiB at N = 16384) and a 384-row float64
 // chunk of k; per call, ceil(R / kRowBlock) x G*S doubles of row-block masses per kv head.
 //
 // pbs_select_blocks. Block means in float64 (query blocks of every head, key blocks read through perm), in
@@ -46,7 +46,7 @@ namespace pykernels {
 namespace cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 128;  // query rows whose logits against all keys are kept at once
+constexpr int64_t kRowBlock = 32;   // query rows whose logits against all keys are kept at once
 constexpr int64_t kTileRows = 16;   // micro-kernel: 16 rows (two 8-double vectors) ...
 constexpr int64_t kTileKeys = 12;   // ... x 12 keys: 24 accumulators
 constexpr int64_t kKeyChunk = 384;  // keys converted to float64 at once: a multiple of kTileKeys and of 16
