@@ -54,4 +54,16 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "pbs_block_attention(Tensor q, Tensor k, Tensor v, Tensor perm, Tensor offsets, Tensor indices, "
       "int block_size, float scale) -> (Tensor, Tensor)");
+
+  // Family 4: MoE routing (docs/PRIMITIVES.md "MoE routing", reference.moe).
+  m.def(
+      "moe_topk_route(Tensor logits, int k, int scoring, Tensor? bias, bool renormalize, int num_groups, "
+      "int topk_groups, float scaling) -> (Tensor, Tensor)");
+  m.def(
+      "moe_align_block_size(Tensor ids, int num_experts, int block_size, Tensor? expert_map) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "moe_permute(Tensor x, Tensor ids, Tensor? weights, int num_experts, float capacity_factor) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_unpermute(Tensor y, Tensor perm, Tensor weights) -> Tensor");
 }

@@ -13,6 +13,7 @@ from torch import Tensor
 from . import _backend
 from .reference import attention as ref_attention
 from .reference import della as ref_della
+from .reference import moe as ref_moe
 from .reference import merging as ref_merging
 from .reference import selection as ref_selection
 from .reference import statistics as ref_statistics
@@ -87,6 +88,27 @@ def _fake_pbs_block_attention(q, k, v, perm, offsets, indices, block_size, scale
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _fake_moe_topk_route(logits, k, scoring, bias, renormalize, num_groups, topk_groups, scaling):
+    tokens = logits.shape[0]
+    return (logits.new_empty((tokens, k), dtype=torch.float32), logits.new_empty((tokens, k), dtype=torch.int32))
+
+
+def _fake_moe_align_block_size(ids, num_experts, block_size, expert_map):
+    capacity = -(-(ids.numel() + num_experts * (block_size - 1)) // block_size) * block_size
+    return (ids.new_empty((capacity,), dtype=torch.int32), ids.new_empty((capacity // block_size,), dtype=torch.int32),
+            ids.new_empty((1,), dtype=torch.int32))
+
+
+def _fake_moe_permute(x, ids, weights, num_experts, capacity_factor):
+    pairs = ids.numel()
+    return (x.new_empty((pairs, x.shape[1])), ids.new_empty((pairs,), dtype=torch.int64),
+            ids.new_empty((num_experts + 1,), dtype=torch.int64), ids.new_empty(ids.shape, dtype=torch.bool))
+
+
+def _fake_moe_unpermute(y, perm, weights):
+    return y.new_empty((weights.shape[0], y.shape[1]))
+
+
 _FAKES = {
     "delta_topk_thresholds": _fake_thresholds,
     "delta_l1_norms": _fake_norms,
@@ -104,6 +126,10 @@ _FAKES = {
     "pbs_permutation": _fake_pbs_permutation,
     "pbs_select_blocks": _fake_pbs_select_blocks,
     "pbs_block_attention": _fake_pbs_block_attention,
+    "moe_topk_route": _fake_moe_topk_route,
+    "moe_align_block_size": _fake_moe_align_block_size,
+    "moe_permute": _fake_moe_permute,
+    "moe_unpermute": _fake_moe_unpermute,
 }
 
 
@@ -240,6 +266,37 @@ def triton_pbs_block_attention(q: Tensor, k: Tensor, v: Tensor, perm: Tensor, of
     return k_.pbs_block_attention(q, k, v, perm, offsets, indices, block_size, scale)
 
 
+@torch.library.custom_op("pykernels::triton_moe_topk_route", mutates_args=())
+def triton_moe_topk_route(logits: Tensor, k: int, scoring: int, bias: Optional[Tensor], renormalize: bool,
+                          num_groups: int, topk_groups: int, scaling: float) -> Tuple[Tensor, Tensor]:
+    from .kernels import moe as k_
+
+    return k_.moe_topk_route(logits, k, scoring, bias, renormalize, num_groups, topk_groups, scaling)
+
+
+@torch.library.custom_op("pykernels::triton_moe_align_block_size", mutates_args=())
+def triton_moe_align_block_size(ids: Tensor, num_experts: int, block_size: int,
+                                expert_map: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    from .kernels import moe as k_
+
+    return k_.moe_align_block_size(ids, num_experts, block_size, expert_map)
+
+
+@torch.library.custom_op("pykernels::triton_moe_permute", mutates_args=())
+def triton_moe_permute(x: Tensor, ids: Tensor, weights: Optional[Tensor], num_experts: int,
+                       capacity_factor: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .kernels import moe as k_
+
+    return k_.moe_permute(x, ids, weights, num_experts, capacity_factor)
+
+
+@torch.library.custom_op("pykernels::triton_moe_unpermute", mutates_args=())
+def triton_moe_unpermute(y: Tensor, perm: Tensor, weights: Tensor) -> Tensor:
+    from .kernels import moe as k_
+
+    return k_.moe_unpermute(y, perm, weights)
+
+
 _TRITON_OPS = {name: globals()[f"triton_{name}"] for name in _FAKES}
 for _name, _op in _TRITON_OPS.items():
     _op.register_fake(_FAKES[_name])
@@ -265,9 +322,13 @@ class Primitives(NamedTuple):
     pbs_permutation: Callable
     pbs_select_blocks: Callable
     pbs_block_attention: Callable
+    moe_topk_route: Callable
+    moe_align_block_size: Callable
+    moe_permute: Callable
+    moe_unpermute: Callable
 
 
-_REFERENCE_MODULES = (ref_selection, ref_merging, ref_statistics, ref_della, ref_attention)
+_REFERENCE_MODULES = (ref_selection, ref_merging, ref_statistics, ref_della, ref_attention, ref_moe)
 
 
 def _reference_op(name: str) -> Callable:
@@ -281,9 +342,11 @@ _PRIMITIVES = {
 }
 if _backend.cpp_available():
     _PRIMITIVES["cpp"] = Primitives(**{name: getattr(torch.ops.pykernels, name) for name in Primitives._fields})
-    # The CUDA build has a kernel for every op but the attention plan, which runs in the Triton kernels.
-    _PRIMITIVES["cuda"] = _PRIMITIVES["cpp"]._replace(pbs_permutation=triton_pbs_permutation,
-                                                      pbs_select_blocks=triton_pbs_select_blocks)
+    # The CUDA build has a kernel for every op but the attention plan and the MoE permute / combine, which run
+    # in the Triton kernels.
+    _PRIMITIVES["cuda"] = _PRIMITIVES["cpp"]._replace(
+        pbs_permutation=triton_pbs_permutation, pbs_select_blocks=triton_pbs_select_blocks,
+        moe_permute=triton_moe_permute, moe_unpermute=triton_moe_unpermute)
 
 
 def primitives(backend: str) -> Primitives:
