@@ -100,7 +100,7 @@ class Worker {
         alpha_(p.bs),
         m_(heads_ * p.bs),
         l_(heads_ * p.bs),
-        keys_(width_),
+        first_row_(width_),
         marks_(p.nb, 0) {}
 
   void run(const Task& task) {
@@ -118,7 +118,7 @@ class Worker {
         for (int64_t t = 0; t < task.heads; ++t) {
           if (!(heads >> t & 1)) continue;
           scores(t);
-          softmax_step(t, r0, rows, masked);
+          softmax_step(t, rows, masked);
           accumulate(t, rows);
         }
       }
@@ -135,7 +135,7 @@ class Worker {
   std::vector<float> s_;
   std::vector<Mat> p_mat_;
   std::vector<float> o_, pv_, alpha_, m_, l_;
-  std::vector<int64_t> keys_;
+  std::vector<float> first_row_;  // per key column: the first row of the query block that sees it (<= bs)
   std::vector<uint32_t> marks_;
 
   const In* row_of(const In* base, const Strides& s, int64_t b, int64_t h, int64_t t) const {
@@ -177,12 +177,12 @@ class Worker {
     for (int64_t j = 0; j < cols_; ++j) {
       if (j < valid) {
         const int64_t key = perm[j];
-        keys_[j] = key;
+        first_row_[j] = static_cast<float>(std::min(std::max(key - r0, int64_t{0}), p_.bs));
         newest = std::max(newest, key);
         copy_row(row_of(p_.k, p_.ks, task.batch, task.kv_head, key), k_rows_.data() + j * d);
         copy_row(row_of(p_.v, p_.vs, task.batch, task.kv_head, key), v_.data() + j * d);
       } else {
-        keys_[j] = std::numeric_limits<int64_t>::max();
+        first_row_[j] = static_cast<float>(p_.bs);  // padding: seen by no row
         std::fill(k_rows_.begin() + j * d, k_rows_.begin() + (j + 1) * d, Mat(0));
         std::fill(v_.begin() + j * d, v_.begin() + (j + 1) * d, Mat(0));
       }
@@ -241,7 +241,7 @@ class Worker {
 
   // Online softmax over this tile for the rows of head t: p = exp(scale * s - m_new) into the probability
   // tile, running sums rescaled; alpha = exp(m_old - m_new) rescales the accumulator in accumulate().
-  void softmax_step(int64_t t, int64_t r0, int64_t rows, bool masked) {
+  void softmax_step(int64_t t, int64_t rows, bool masked) {
     const int64_t bs = p_.bs;
     float* m = m_.data() + t * bs;
     float* l = l_.data() + t * bs;
@@ -253,10 +253,7 @@ class Worker {
         std::fill(prob, prob + cols_, Mat(0));
         continue;
       }
-      if (masked) {
-        for (int64_t j = 0; j < cols_; ++j)
-          if (keys_[j] > r0 + i) s[j] = kNegInf;
-      }
+      if (masked) hide_future_keys(s, i);
       const float tile_max =
           at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, s, cols_);
       const float m_new = std::max(m[i], tile_max * p_.scale);
@@ -267,6 +264,15 @@ class Worker {
       alpha_[i] = std::exp(m[i] - m_new);
       l[i] = l[i] * alpha_[i] + exponentiate(s, prob, m_new);
       m[i] = m_new;
+    }
+  }
+
+  // s[j] = -inf where row i precedes the key (i < first_row_[j]); row i holds token r0 + i.
+  void hide_future_keys(float* s, int64_t i) const {
+    const Vec row(static_cast<float>(i)), hidden(kNegInf);
+    for (int64_t j = 0; j < cols_; j += Vec::size()) {
+      const Vec x = Vec::loadu(s + j);
+      Vec::blendv(x, hidden, Vec::loadu(first_row_.data() + j) > row).store(s + j);
     }
   }
 
@@ -290,13 +296,26 @@ class Worker {
       const Vec hi = pair ? (Vec::loadu(s + j + width) * vscale - vm).exp_u20() : Vec(0.f);
       acc = acc + lo + hi;
       if constexpr (kVnni) {
-        at::vec::convert_from_float<at::BFloat16>(lo, hi).store(prob + j, pair ? 2 * width : width);
+        store_bf16(lo, hi, prob + j, pair);
       } else {
         lo.store(prob + j);
         if (pair) hi.store(prob + j + width);
       }
     }
     return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
+  }
+
+  // Rounds 16 or 32 floats to bfloat16 (nearest even): one instruction where the CPU has AVX512-BF16.
+  static void store_bf16(const Vec& lo, const Vec& hi, at::BFloat16* dst, bool pair) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if (pair) {
+      _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(__m512(hi), __m512(lo)));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(__m512(lo)));
+    }
+#else
+    at::vec::convert_from_float<at::BFloat16>(lo, hi).store(dst, pair ? 2 * Vec::size() : Vec::size());
+#endif
   }
 
   // o_t = alpha * o_t + prob . V, row by row (the rescale fused into the pass that adds the product).

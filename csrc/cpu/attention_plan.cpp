@@ -28,6 +28,7 @@
 // every query block.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -326,12 +327,34 @@ struct MassProblem {
 };
 
 // Buffers of one thread, reused by its row blocks.
+// Pages straight from mmap, unmapped when the call ends: the logits buffer (MiBs per thread) would otherwise stay
+// resident after the call (the allocator keeps freed heap memory, ThreadScratch keeps its buffers on purpose).
+class MappedBuffer {
+ public:
+  explicit MappedBuffer(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
+    data_ = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(data_ != MAP_FAILED, "pbs_permutation: cannot map ", bytes_, " bytes of scratch memory");
+  }
+  ~MappedBuffer() { munmap(data_, bytes_); }
+  MappedBuffer(const MappedBuffer&) = delete;
+  MappedBuffer& operator=(const MappedBuffer&) = delete;
+
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+
+ private:
+  size_t bytes_;
+  void* data_;
+};
+
 struct MassScratch {
   explicit MassScratch(const MassProblem& p)
-      : logits(kTotalSlot, static_cast<size_t>(p.full * p.block_rows()) * sizeof(double)),
+      : logits(static_cast<size_t>(p.full * p.block_rows()) * sizeof(double)),
         slabs(kCountSlot, static_cast<size_t>(p.q->dim() * p.block_rows()) * sizeof(double)),
         keys(kChunkSlot, static_cast<size_t>(kKeyChunk * p.k->dim()) * sizeof(double)) {}
-  ThreadScratch logits;  // (full, rows)
+  MappedBuffer logits;   // (full, rows)
   ThreadScratch slabs;   // the block's query rows, packed
   ThreadScratch keys;    // (kKeyChunk, dim): a chunk of k in float64
 };
