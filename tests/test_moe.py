@@ -291,3 +291,40 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.moe_permute, (x, ids, weights, 64, 1.0))
     xs, perm, _, _ = ops.moe_permute(x, ids, weights, 64, 0.0)
     torch.library.opcheck(ops.moe_unpermute, (xs, perm, weights))
+
+
+def _micro_batches(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return [(torch.softmax(torch.randn(16, 6, generator=g), -1), torch.randint(6, (16, 2), generator=g))
+            for _ in range(2)]
+
+
+def _global_loss_worker(rank: int, world: int, port: int, result_path: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    loss = moe.GlobalBatchAuxLoss(6)
+    values = [loss(probs, ids) for probs, ids in _micro_batches(rank)]
+    torch.save(torch.stack(values), f"{result_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_global_batch_aux_loss_two_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "loss")
+    mp.spawn(_global_loss_worker, args=(2, port, path), nprocs=2, join=True)
+    per_rank = torch.stack([torch.load(f"{path}.{r}") for r in range(2)])          # (rank, micro-batch)
+    batches = [_micro_batches(r) for r in range(2)]
+    for step in range(2):
+        # single process, the concatenated batch of both ranks, counts accumulated over micro-batches 0..step
+        ids_so_far = torch.cat([batches[r][s][1] for r in range(2) for s in range(step + 1)])
+        probs = torch.cat([batches[r][step][0] for r in range(2)])
+        counts = torch.bincount(ids_so_far.flatten(), minlength=6).float()
+        expected = 6 * (counts / counts.sum() * probs.mean(0)).sum()
+        torch.testing.assert_close(per_rank[:, step].mean(), expected)
