@@ -494,3 +494,105 @@ def format_attention_table(rows: list[dict]) -> str:
                          f" SDPA {sdpa['peak_extra_bytes'] / 2**20:.1f} MiB "
                          f"({ours['peak_extra_bytes'] / sdpa['peak_extra_bytes']:.2f}x)")
     return "\n".join(lines)
+
+
+# --- MoE routing ----------------------------------------------------------------------------------------------
+
+MOE_TOKENS = {"default": (4096, 65536), "small": (4096,), "tiny": (256,)}
+MOE_CASES = [(experts, k) for experts in (8, 64, 256) for k in (2, 8) if k < experts]
+MOE_HIDDEN = 1024          # bf16 rows permuted per (token, expert) pair
+DEEPSEEK_V3 = dict(experts=256, k=8, num_groups=8, topk_groups=4, scaling=2.5)
+
+
+def torch_route(logits, k):
+    """The plain PyTorch router: softmax -> topk -> renormalize."""
+    weights, ids = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), ids.to(torch.int32)
+
+
+def torch_grouped_route(logits, bias, k, num_groups, topk_groups, scaling):
+    """DeepSeek-V3 routing in PyTorch: sigmoid, biased group scores (sum of top-2), top groups, top-k."""
+    scores = torch.sigmoid(logits.float())
+    keys = scores + bias
+    tokens, experts = keys.shape
+    group_scores = keys.view(tokens, num_groups, -1).topk(2, dim=-1).values.sum(-1)
+    groups = group_scores.topk(topk_groups, dim=-1).indices
+    allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+    keys = keys.masked_fill(~allowed.repeat_interleave(experts // num_groups, 1), float("-inf"))
+    ids = keys.topk(k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    return weights / weights.sum(-1, keepdim=True) * scaling, ids.to(torch.int32)
+
+
+def torch_align_permute(x, ids, num_experts, block_size):
+    """vLLM-style alignment and token permutation in PyTorch: stable argsort -> counts -> padding, gather."""
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_size - 1) // block_size * block_size
+    starts = torch.cumsum(padded, 0) - padded
+    rank_in_expert = torch.arange(flat.numel()) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    capacity = -(-(flat.numel() + num_experts * (block_size - 1)) // block_size) * block_size
+    sorted_ids = torch.full((capacity,), flat.numel(), dtype=torch.int32)
+    sorted_ids[starts[flat[order]] + rank_in_expert] = order.to(torch.int32)
+    block_expert = torch.repeat_interleave(torch.arange(num_experts), padded // block_size)
+    return sorted_ids, block_expert, x[order // ids.shape[1]]
+
+
+def moe_implementations(experts: int, k: int, grouped: bool) -> dict[str, Callable]:
+    """name -> fn(logits, bias, x): routing alone, and routing-independent align + permute (given ids)."""
+    import pykernels as pk
+
+    if grouped:
+        g = {key: DEEPSEEK_V3[key] for key in ("num_groups", "topk_groups", "scaling")}
+        return {
+            "route torch": lambda logits, bias, x: torch_grouped_route(logits, bias, k, **g),
+            "route cpp": lambda logits, bias, x: pk.topk_route(logits, k, scoring="sigmoid", bias=bias, backend="cpp",
+                                                              **g),
+        }
+    return {
+        "route torch": lambda logits, bias, x: torch_route(logits, k),
+        "route cpp": lambda logits, bias, x: pk.topk_route(logits, k, backend="cpp"),
+    }
+
+
+def moe_table(size: str = "default", threads: int = 2, repeats: int = 5, progress=print) -> list[dict]:
+    """Router and align + permute timings beside the PyTorch versions, measured in this process."""
+    import pykernels as pk
+
+    torch.set_num_threads(threads)
+    rows = []
+    cases = [(e, k, False) for e, k in MOE_CASES] + [(DEEPSEEK_V3["experts"], DEEPSEEK_V3["k"], True)]
+    for tokens in MOE_TOKENS[size]:
+        for experts, k, grouped in cases:
+            if grouped and tokens != MOE_TOKENS[size][-1]:
+                continue
+            g = torch.Generator().manual_seed(tokens + experts)
+            logits = torch.randn(tokens, experts, generator=g)
+            bias = 0.1 * torch.randn(experts, generator=g)
+            x = torch.randn(tokens, MOE_HIDDEN, generator=g).to(torch.bfloat16)
+            row = {"tokens": tokens, "experts": experts, "k": k, "grouped": grouped}
+            for name, fn in moe_implementations(experts, k, grouped).items():
+                progress(f"  moe T={tokens} E={experts} k={k} grouped={grouped} {name} ...")
+                row[name] = {"seconds": time_fn(fn, (logits, bias, x), repeats)}
+            if not grouped:
+                _, ids = pk.topk_route(logits, k, backend="cpp")
+                align_permute = lambda: (pk.align_block_size(ids, experts, 64, backend="cpp"),  # noqa: E731
+                                         pk.permute(x, ids, experts, backend="cpp"))
+                row["align+permute cpp"] = {"seconds": time_fn(align_permute, (), repeats)}
+                row["align+permute torch"] = {"seconds": time_fn(torch_align_permute, (x, ids, experts, 64), repeats)}
+            rows.append(row)
+    return rows
+
+
+def format_moe_table(rows: list[dict]) -> str:
+    lines = ["| T | E | k | routing | route cpp ms | route torch / cpp | align+permute cpp ms | "
+             "align+permute torch / cpp |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours = r["route cpp"]["seconds"]
+        kind = "DeepSeek-V3 grouped (8 groups, 4 kept, sigmoid + bias)" if r["grouped"] else "softmax"
+        ap = r.get("align+permute cpp", {}).get("seconds")
+        ap_cells = (f"{ap * 1e3:.2f} | {r['align+permute torch']['seconds'] / ap:.1f}" if ap else "n/a | n/a")
+        lines.append(f"| {r['tokens']} | {r['experts']} | {r['k']} | {kind} | {ours * 1e3:.2f} | "
+                     f"{r['route torch']['seconds'] / ours:.1f} | {ap_cells} |")
+    return "\n".join(lines)

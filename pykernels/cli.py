@@ -51,6 +51,11 @@ def bench(args) -> int:
         rows = b.attention_table(args.size, threads=args.threads, repeats=args.repeats, progress=progress)
         print(b.format_attention_table(rows))
         results["attention"] = rows
+    if args.family in ("moe", "all"):
+        print(f"pykernels bench: MoE routing (fp32 logits, bf16 rows of {b.MOE_HIDDEN}), {args.threads} threads")
+        rows = b.moe_table(args.size, threads=args.threads, repeats=args.repeats, progress=progress)
+        print(b.format_moe_table(rows))
+        results["moe"] = rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -140,7 +145,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pykernels")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("bench", help="run the benchmark suite (each kernel vs reference vs peers vs floor)")
-    p.add_argument("--family", default="all", choices=["merging", "selection", "attention", "all"])
+    p.add_argument("--family", default="all", choices=["merging", "selection", "attention", "moe", "all"])
     p.add_argument("--size", default="default", choices=["default", "small", "tiny"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
