@@ -1,7 +1,8 @@
-// CUDA implementations of the pykernels family-1 ops and of pbs_block_attention (schemas in csrc/ops.cpp):
-// thin glue that checks the arguments, makes the inputs contiguous, sets the device guard and the current
-// stream, and calls the launchers of csrc/cuda/merging.cu and csrc/cuda/attention.cu. Built only against a
-// CUDA torch (setup.py adds it with the .cu files).
+// CUDA implementations of the pykernels family-1 ops, of pbs_block_attention and of the MoE routing ops
+// moe_topk_route / moe_align_block_size (schemas in csrc/ops.cpp): thin glue that checks the arguments, makes
+// the inputs contiguous, sets the device guard and the current stream, and calls the launchers of
+// csrc/cuda/merging.cu, csrc/cuda/attention.cu and csrc/cuda/moe.cu. Built only against a CUDA torch (setup.py
+// adds it with the .cu files).
 //
 // Results stay on the inputs' device: delta_topk_thresholds -> int64 (N, 2), delta_l1_norms -> float64 (N, 2),
 // fused_merge -> tensor shaped like tensors[0]. Nothing here synchronises with the device (the selection
@@ -13,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -21,6 +23,7 @@
 
 #include "cuda/attention.h"
 #include "cuda/merging.h"
+#include "cuda/moe.h"
 
 namespace {
 
@@ -302,6 +305,126 @@ std::tuple<at::Tensor, at::Tensor> pbs_block_attention_cuda(const at::Tensor& q,
   return {out, lse};
 }
 
+// ---- MoE routing (docs/PRIMITIVES.md "MoE routing") ------------------------------------------------------------
+// Shapes, dtypes, devices and the integer arguments are checked here; the values (finite logits and bias, ids in
+// [0, E), expert_map entries) are validated by the Python layer, since checking them here would synchronise
+// with the device.
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name,
+                       const char* op) {
+  TORCH_CHECK(t.device() == ref.device(), "pykernels.", op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+}
+
+void check_route_args(const at::Tensor& logits, int64_t k, int64_t scoring, const std::optional<at::Tensor>& bias,
+                      int64_t num_groups, int64_t topk_groups) {
+  constexpr const char* op = "moe_topk_route";
+  TORCH_CHECK(logits.is_cuda(), "pykernels.", op, ": logits must be a CUDA tensor, got device ", logits.device());
+  TORCH_CHECK(logits.dim() == 2, "pykernels.", op, ": logits must be 2-D (tokens, experts), got ", logits.sizes());
+  const int64_t experts = logits.size(1);
+  TORCH_CHECK(experts >= 1 && experts <= 1024, "pykernels.", op, ": the number of experts must be in [1, 1024], got ",
+              experts);
+  TORCH_CHECK(k >= 1 && k <= std::min<int64_t>(32, experts), "pykernels.", op, ": k must be in [1, min(32, ",
+              experts, ")], got ", k);
+  TORCH_CHECK(scoring == 0 || scoring == 1, "pykernels.", op, ": scoring must be 0 (softmax) or 1 (sigmoid), got ",
+              scoring);
+  if (bias.has_value() && bias->defined()) {
+    check_same_device(*bias, logits, "bias", "logits", op);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == experts, "pykernels.", op, ": bias must have shape (", experts,
+                ",), got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "pykernels.", op, ": bias must be floating, got ",
+                bias->scalar_type());
+  }
+  TORCH_CHECK(num_groups >= 0 && num_groups <= experts, "pykernels.", op, ": num_groups must be in [0, ", experts,
+              "], got ", num_groups);
+  if (num_groups > 1) {
+    TORCH_CHECK(experts % num_groups == 0, "pykernels.", op, ": num_groups=", num_groups,
+                " must divide the number of experts ", experts);
+    TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_groups, "pykernels.", op, ": topk_groups must be in [1, ",
+                num_groups, "], got ", topk_groups);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_topk_route_cuda(const at::Tensor& logits, int64_t k, int64_t scoring,
+                                                       const std::optional<at::Tensor>& bias, bool renormalize,
+                                                       int64_t num_groups, int64_t topk_groups, double scaling) {
+  constexpr const char* op = "moe_topk_route";
+  check_route_args(logits, k, scoring, bias, num_groups, topk_groups);
+  const int dtype = dtype_code(logits.scalar_type(), op, "logits");
+  c10::cuda::CUDAGuard guard(logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  const int64_t tokens = logits.size(0);
+  at::Tensor weights = at::empty({tokens, k}, logits.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({tokens, k}, logits.options().dtype(at::kInt));
+  if (tokens == 0) return {weights, ids};
+  const at::Tensor rows = last_dim_contiguous(logits);
+  at::Tensor bias_f32;
+  if (bias.has_value() && bias->defined()) bias_f32 = bias->to(at::kFloat).contiguous();
+  pykernels::gpu::TopkRouteArgs a{};
+  a.logits = rows.data_ptr();
+  a.row_stride = rows.stride(0);
+  a.dtype = dtype;
+  a.tokens = tokens;
+  a.experts = static_cast<int>(logits.size(1));
+  a.k = static_cast<int>(k);
+  a.scoring = static_cast<int>(scoring);
+  a.bias = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  a.renormalize = renormalize;
+  a.num_groups = static_cast<int>(num_groups);
+  a.topk_groups = static_cast<int>(topk_groups);
+  a.scaling = static_cast<float>(scaling);
+  a.weights = weights.data_ptr<float>();
+  a.ids = ids.data_ptr<int32_t>();
+  check_launch(pykernels::gpu::launch_moe_topk_route(a, stream), op);
+  return {weights, ids};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const at::Tensor& ids, int64_t num_experts,
+                                                                         int64_t block_size,
+                                                                         const std::optional<at::Tensor>& expert_map) {
+  constexpr const char* op = "moe_align_block_size";
+  TORCH_CHECK(ids.is_cuda(), "pykernels.", op, ": ids must be a CUDA tensor, got device ", ids.device());
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "pykernels.", op,
+              ": ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(num_experts >= 1 && num_experts <= INT32_MAX, "pykernels.", op,
+              ": num_experts must be in [1, 2^31), got ", num_experts);
+  TORCH_CHECK(block_size >= 1 && block_size <= INT32_MAX, "pykernels.", op, ": block_size must be in [1, 2^31), got ",
+              block_size);
+  const int64_t pairs = ids.numel();
+  const int64_t capacity = (pairs + num_experts * (block_size - 1) + block_size - 1) / block_size * block_size;
+  TORCH_CHECK(pairs <= INT32_MAX && capacity <= INT32_MAX, "pykernels.", op, ": T*k (", pairs,
+              ") and the padded capacity (", capacity, ") must stay below 2^31 (int32 indices)");
+  at::Tensor map_i32;
+  if (expert_map.has_value() && expert_map->defined()) {
+    check_same_device(*expert_map, ids, "expert_map", "ids", op);
+    TORCH_CHECK(expert_map->dim() == 1 && expert_map->size(0) == num_experts, "pykernels.", op,
+                ": expert_map must have shape (", num_experts, ",), got ", expert_map->sizes());
+    map_i32 = expert_map->to(at::kInt).contiguous();
+  }
+  c10::cuda::CUDAGuard guard(ids.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(ids.device().index()).stream();
+  const at::Tensor ids_i32 = ids.to(at::kInt).contiguous();
+  const at::TensorOptions int_options = ids.options().dtype(at::kInt);
+  at::Tensor sorted_ids = at::empty({capacity}, int_options);
+  at::Tensor block_expert_ids = at::empty({capacity / block_size}, int_options);
+  at::Tensor total = at::empty({1}, int_options);
+  const size_t workspace_bytes = pykernels::gpu::moe_align_workspace_bytes(pairs, static_cast<int>(num_experts));
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(workspace_bytes)}, ids.options().dtype(at::kByte));
+  pykernels::gpu::AlignArgs a{};
+  a.ids = ids_i32.data_ptr<int32_t>();
+  a.pairs = pairs;
+  a.experts = static_cast<int>(num_experts);
+  a.block_size = static_cast<int>(block_size);
+  a.expert_map = map_i32.defined() ? map_i32.data_ptr<int32_t>() : nullptr;
+  a.sorted_ids = sorted_ids.data_ptr<int32_t>();
+  a.block_expert_ids = block_expert_ids.data_ptr<int32_t>();
+  a.total = total.data_ptr<int32_t>();
+  a.workspace = workspace.data_ptr();
+  a.workspace_bytes = workspace_bytes;
+  check_launch(pykernels::gpu::launch_moe_align_block_size(a, stream), op);
+  return {sorted_ids, block_expert_ids, total};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
@@ -310,4 +433,6 @@ TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("fused_merge", &fused_merge_cuda);
   m.impl("philox_uniform", &philox_uniform_cuda);
   m.impl("pbs_block_attention", &pbs_block_attention_cuda);
+  m.impl("moe_topk_route", &moe_topk_route_cuda);
+  m.impl("moe_align_block_size", &moe_align_block_size_cuda);
 }
