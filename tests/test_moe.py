@@ -8,7 +8,6 @@ import torch
 
 from pykernels import _ops
 from pykernels import moe
-from pykernels.reference import moe as ref
 
 from conftest import backend_params
 
