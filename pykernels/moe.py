@@ -40,7 +40,7 @@ def _check_logits(logits, bias):
     experts = logits.shape[1]
     if not 1 <= experts <= MAX_EXPERTS:
         raise ValueError(f"the number of experts must be in [1, {MAX_EXPERTS}], got {experts}")
-    if logits.numel() and not bool(torch.isfinite(logits).all()):
+    if logits.numel() and not all(math.isfinite(v) for v in torch.aminmax(logits)):  # NaN propagates
         raise ValueError("logits contain NaN or +-inf: routing refuses non-finite logits")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (experts,):

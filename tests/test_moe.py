@@ -11,15 +11,8 @@ from pykernels import moe
 
 from conftest import backend_params
 
-def _built(param) -> bool:
-    # TEMPORARY while the cpp MoE kernels land (issue 5): the cpp backend is skipped until it has kernels
-    if param.values[0] == "cpp":
-        return torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::moe_topk_route", "CPU")
-    return True
-
-
-BACKENDS = [p for p in backend_params() if _built(p)]
-KERNELS = [p for p in backend_params(include_reference=False) if _built(p)]
+BACKENDS = backend_params()
+KERNELS = backend_params(include_reference=False)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

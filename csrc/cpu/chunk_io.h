@@ -17,6 +17,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 // Hand-written AVX-512 paths (F + BW + VL), each with a scalar fallback computing exactly the same values.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PK_AVX512 1
@@ -76,6 +80,19 @@ inline void float_to_half(const float* __restrict src, int64_t n, uint16_t* __re
   }
 #endif
   for (; i < n; ++i) dst[i] = c10::detail::fp16_ieee_from_fp32_value(src[i]);
+}
+
+// A large fresh output is mapped by the allocator and faulted in 4 KiB pages as the merge first writes it,
+// which costs about as much as the merge itself; asking for transparent huge pages (when the system leaves
+// them to madvise) cuts that to the zeroing of the memory. Only a hint: any failure is ignored.
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 // A contiguous fp32/bf16/fp16 tensor read as float32 chunks.

@@ -12,10 +12,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "common/merge_math.h"
 #include "common/philox.h"
 #include "cpu/chunk_io.h"
@@ -405,19 +401,6 @@ void finish_pass(const float* __restrict mixed, const float* __restrict div, flo
 // bad[i] |= x[i] is NaN/Inf
 void flag_nonfinite(const float* __restrict x, int32_t len, uint8_t* __restrict bad) {
   for (int32_t i = 0; i < len; ++i) bad[i] |= nonfinite(x[i]);
-}
-
-// A large fresh output is mapped by the allocator and faulted in 4 KiB pages as the merge first writes it,
-// which costs about as much as the merge itself; asking for transparent huge pages (when the system leaves
-// them to madvise) cuts that to the zeroing of the memory. Only a hint: any failure is ignored.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
 }
 
 struct MergePlan {
