@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pykernels import _ops
 from pykernels import moe
@@ -51,6 +53,33 @@ def test_route_matches_reference(backend, experts, k, tokens):
     for scoring, bias in (("softmax", None), ("sigmoid", torch.linspace(-1, 0.5, experts))):
         got, want = route_case(backend, tokens, experts, k, torch.float32, scoring=scoring, bias=bias)
         assert_route_equal(got, want)
+
+
+@pytest.mark.parametrize("experts,k", [(1000, 32), (300, 17), (40, 16), (33, 12), (256, 8)])
+@pytest.mark.parametrize("kind", ["random", "ties", "equal"])
+def test_route_cpp_selection_paths(experts, k, kind):
+    # k <= 16 takes the lane-maximum bound unless ties let more than 16 keys through; k > 16 the sorted insertion
+    for scoring, bias in (("softmax", None), ("sigmoid", torch.linspace(-0.5, 0.5, experts))):
+        got, want = route_case("cpp", 4096 if experts == 256 else 200, experts, k, torch.float32, kind=kind,
+                               scoring=scoring, bias=bias)
+        assert_route_equal(got, want)
+
+
+@settings(max_examples=80, deadline=None)
+@given(tokens=st.integers(0, 40), experts=st.integers(1, 300), k=st.integers(1, 32), seed=st.integers(0, 2**16),
+       kind=st.sampled_from(["random", "ties", "equal"]), groups=st.sampled_from([1, 2, 4]),
+       scoring=st.sampled_from(["softmax", "sigmoid"]), with_bias=st.booleans())
+def test_route_cpp_property(tokens, experts, k, seed, kind, groups, scoring, with_bias):
+    experts = max(experts // groups, 1) * groups
+    k = min(k, experts)
+    logits = make_logits(tokens, experts, seed=seed, kind=kind)
+    bias = torch.randn(experts, generator=torch.Generator().manual_seed(seed)) * 0.3 if with_bias else None
+    grouping = dict(num_groups=groups, topk_groups=max(1, groups // 2)) if groups > 1 else {}
+    if grouping and k > grouping["topk_groups"] * (experts // groups):
+        k = grouping["topk_groups"] * (experts // groups)
+    kw = dict(scoring=scoring, bias=bias, **grouping)
+    assert_route_equal(moe.topk_route(logits, k, backend="cpp", **kw),
+                       moe.topk_route(logits, k, backend="reference", **kw))
 
 
 @pytest.mark.parametrize("backend", KERNELS)

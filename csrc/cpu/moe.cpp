@@ -36,6 +36,7 @@ constexpr int64_t kVec = 16;              // float lanes of the row buffers (one
 constexpr int64_t kRouteGrain = 64;       // tokens per parallel task
 constexpr int64_t kPairChunk = 1 << 14;   // pairs per counting-sort chunk
 constexpr int64_t kRowGrain = 64;         // rows per parallel task of the gathers and the combine
+constexpr int64_t kPrefetchRows = 4;      // rows a gather reads ahead
 
 bool is_supported_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
@@ -458,6 +459,24 @@ void gather_rows(const at::Tensor& x, const int64_t* perm, int64_t rows, int64_t
   const int64_t row_bytes = x.size(1) * x.element_size();
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
+#if defined(PK_AVX512)
+  // the output is written once and read later by the expert GEMMs: streaming stores skip the read for ownership
+  if (row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const char* from = src + perm[i] / k * row_bytes;
+        const char* ahead = src + perm[std::min(i + kPrefetchRows, end - 1)] / k * row_bytes;
+        char* to = dst + i * row_bytes;
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+          _mm_prefetch(ahead + b, _MM_HINT_T0);  // rows come from scattered tokens: start the next ones early
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(to + b), _mm512_loadu_si512(from + b));
+        }
+      }
+      _mm_sfence();
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) std::memcpy(dst + i * row_bytes, src + perm[i] / k * row_bytes, row_bytes);
   });
