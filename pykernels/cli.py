@@ -116,6 +116,19 @@ def _check_cases(base, tensors):
         "attention.pbs_plan.blocks": lambda be: pk.pbs_plan(q, k, block_size=32, segment_size=64,
                                                             backend=be).block_mask(),
     })
+    logits, rows = torch.randn(300, 64, generator=g), torch.randn(300, 48, generator=g)
+    bias = 0.1 * torch.randn(64, generator=g)
+    weights, ids = pk.topk_route(logits, 6, backend="reference")
+    grouped = dict(k=8, scoring="sigmoid", bias=bias, num_groups=8, topk_groups=4, scaling=2.5)
+    cases.update({
+        "moe.topk_route.weights": lambda be: pk.topk_route(logits, 6, backend=be)[0],
+        "moe.topk_route.ids": lambda be: pk.topk_route(logits, 6, backend=be)[1],
+        "moe.topk_route(grouped).ids": lambda be: pk.topk_route(logits, backend=be, **grouped)[1],
+        "moe.align_block_size": lambda be: pk.align_block_size(ids, 64, 16, backend=be)[0],
+        "moe.permute": lambda be: pk.permute(rows, ids, 64, weights=weights, capacity_factor=1.0, backend=be).perm,
+        "moe.unpermute": lambda be: pk.unpermute(rows.repeat_interleave(6, 0), torch.arange(1800), weights,
+                                                 backend=be),
+    })
     return cases
 
 
