@@ -543,17 +543,21 @@ def moe_implementations(experts: int, k: int, grouped: bool) -> dict[str, Callab
     """name -> fn(logits, bias, x): routing alone, and routing-independent align + permute (given ids)."""
     import pykernels as pk
 
+    floor = {"route floor": lambda logits, bias, x: torch.sum(logits)}  # one read pass over the logits
     if grouped:
         g = {key: DEEPSEEK_V3[key] for key in ("num_groups", "topk_groups", "scaling")}
-        return {
-            "route torch": lambda logits, bias, x: torch_grouped_route(logits, bias, k, **g),
-            "route cpp": lambda logits, bias, x: pk.topk_route(logits, k, scoring="sigmoid", bias=bias, backend="cpp",
-                                                              **g),
-        }
-    return {
-        "route torch": lambda logits, bias, x: torch_route(logits, k),
-        "route cpp": lambda logits, bias, x: pk.topk_route(logits, k, backend="cpp"),
-    }
+        ours = lambda be: lambda logits, bias, x: pk.topk_route(logits, k, scoring="sigmoid", bias=bias,  # noqa: E731
+                                                                 backend=be, **g)
+        return {"route torch": lambda logits, bias, x: torch_grouped_route(logits, bias, k, **g),
+                "route cpp": ours("cpp"), "route reference": ours("reference"), **floor}
+    ours = lambda be: lambda logits, bias, x: pk.topk_route(logits, k, backend=be)  # noqa: E731
+    return {"route torch": lambda logits, bias, x: torch_route(logits, k), "route cpp": ours("cpp"),
+            "route reference": ours("reference"), **floor}
+
+
+def sequential_copy(x, k):
+    """The floor of a permute: the same bytes written to a fresh output, read in order (x repeated k times)."""
+    return x.unsqueeze(0).expand(k, -1, -1).reshape(-1, x.shape[1])
 
 
 def moe_table(size: str = "default", threads: int = 2, repeats: int = 5, progress=print) -> list[dict]:
@@ -581,18 +585,54 @@ def moe_table(size: str = "default", threads: int = 2, repeats: int = 5, progres
                                          pk.permute(x, ids, experts, backend="cpp"))
                 row["align+permute cpp"] = {"seconds": time_fn(align_permute, (), repeats)}
                 row["align+permute torch"] = {"seconds": time_fn(torch_align_permute, (x, ids, experts, 64), repeats)}
+                row["align+permute floor"] = {"seconds": time_fn(sequential_copy, (x, k), repeats)}
             rows.append(row)
     return rows
 
 
 def format_moe_table(rows: list[dict]) -> str:
-    lines = ["| T | E | k | routing | route cpp ms | route torch / cpp | align+permute cpp ms | "
-             "align+permute torch / cpp |", "|---|---|---|---|---|---|---|---|"]
+    """Markdown: ours in units of the memory floor, and torch's / the reference's time as ratios to ours."""
+    lines = ["| T | E | k | routing | route cpp ms | x floor | torch / cpp | reference / cpp | align+permute cpp ms | "
+             "x floor | torch / cpp |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ours = r["route cpp"]["seconds"]
+        secs = lambda name: r.get(name, {}).get("seconds")  # noqa: E731
+        over = lambda name, ours: f"{secs(name) / ours:.1f}" if secs(name) and ours else "n/a"  # noqa: E731
+        ours = secs("route cpp")
         kind = "DeepSeek-V3 grouped (8 groups, 4 kept, sigmoid + bias)" if r["grouped"] else "softmax"
-        ap = r.get("align+permute cpp", {}).get("seconds")
-        ap_cells = (f"{ap * 1e3:.2f} | {r['align+permute torch']['seconds'] / ap:.1f}" if ap else "n/a | n/a")
+        ap = secs("align+permute cpp")
+        ap_cells = (f"{ap * 1e3:.1f} | {ap / secs('align+permute floor'):.2f} | {over('align+permute torch', ap)}"
+                    if ap else "n/a | n/a | n/a")
         lines.append(f"| {r['tokens']} | {r['experts']} | {r['k']} | {kind} | {ours * 1e3:.2f} | "
-                     f"{r['route torch']['seconds'] / ours:.1f} | {ap_cells} |")
+                     f"{ours / secs('route floor'):.1f} | {over('route torch', ours)} | "
+                     f"{over('route reference', ours)} | {ap_cells} |")
     return "\n".join(lines)
+
+
+# --- the speed-up chart of `pykernels bench --plot` ------------------------------------------------------------
+
+def _ratios(rows, ours, theirs) -> list:
+    """theirs' time / ours' per row (None where either is missing)."""
+    secs = lambda r, name: r.get(name, {}).get("seconds") if name else None  # noqa: E731
+    return [secs(r, theirs) / secs(r, ours(r)) if secs(r, theirs) and secs(r, ours(r)) else None for r in rows]
+
+
+def speedup_series(family: str, rows: list[dict]) -> tuple[list[str], dict[str, list]]:
+    """(row labels, {"vs <comparator>": speed-ups}) of one family's benchmark rows."""
+    if family == "merging":
+        labels = [f"{r['method']}\n{r['dtype']}" for r in rows]
+        peers = [p for p in ("reference", "mergekit", "peft") if any(p in r for r in rows)]
+        return labels, {f"vs {p}": _ratios(rows, lambda r: "pykernels", p) for p in peers}
+    if family == "selection":
+        labels = [f"{r['op']}\n{'x'.join(map(str, r['shape']))}" for r in rows]
+        ours = lambda r: "rank" if "rank" in r else "kth_largest"  # noqa: E731
+        return labels, {f"vs {p}": _ratios(rows, ours, p)
+                        for p in ("torch.kthvalue", "torch.quantile", "argsort(argsort)")}
+    if family == "attention":
+        labels = [f"N={r['n']} {r['dtype']}\n{r['inputs']} t={r['threshold']}" for r in rows]
+        return labels, {f"vs {p}": _ratios(rows, lambda r: "cpp", p) for p in ("sdpa", "reference")}
+    if family == "moe":
+        labels = [f"T={r['tokens']} E={r['experts']}\nk={r['k']}{' grouped' if r['grouped'] else ''}" for r in rows]
+        return labels, {"route vs torch": _ratios(rows, lambda r: "route cpp", "route torch"),
+                        "route vs reference": _ratios(rows, lambda r: "route cpp", "route reference"),
+                        "align+permute vs torch": _ratios(rows, lambda r: "align+permute cpp", "align+permute torch")}
+    raise ValueError(f"unknown benchmark family {family!r}")

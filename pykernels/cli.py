@@ -33,9 +33,6 @@ def bench(args) -> int:
                                progress=progress)
         print(b.format_merging_table(rows))
         results["merging"] = rows
-        if args.plot:
-            plot_speedups(rows, args.plot)
-            print(f"plot written to {args.plot}")
     if args.family in ("selection", "all"):
         print(f"pykernels bench: order statistics, fp32, {args.threads} threads")
         rows = b.selection_table(args.size, threads=args.threads, repeats=args.repeats, progress=progress)
@@ -56,13 +53,19 @@ def bench(args) -> int:
         rows = b.moe_table(args.size, threads=args.threads, repeats=args.repeats, progress=progress)
         print(b.format_moe_table(rows))
         results["moe"] = rows
+    if args.plot:
+        plot_speedups(results, args.plot)
+        print(f"plot written to {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
 
 
-def plot_speedups(rows, path: str) -> None:
+def plot_speedups(results: dict, path: str) -> None:
+    """One panel per benchmarked family: pykernels' speed-up over each comparator, per table row (log scale)."""
+    from .benchmarking import speedup_series
+
     try:
         import matplotlib
     except ImportError as e:
@@ -71,17 +74,22 @@ def plot_speedups(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['method']}\n{r['dtype']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
-    peers = [p for p in ("reference", "mergekit", "peft") if any(p in r for r in rows)]
-    width = 0.8 / max(1, len(peers))
-    for i, peer in enumerate(peers):
-        ys = [r[peer]["seconds"] / r["pykernels"]["seconds"] if "seconds" in r.get(peer, {}) else 0 for r in rows]
-        ax.bar([x + i * width for x in range(len(rows))], ys, width, label=f"vs {peer}")
-    ax.set_yscale("log")
-    ax.set_ylabel("speed-up of pykernels (x)")
-    ax.set_xticks([x + width * (len(peers) - 1) / 2 for x in range(len(rows))], labels, fontsize=7)
-    ax.legend()
+    panels = [(family, *speedup_series(family, results[family]))
+              for family in ("merging", "selection", "attention", "moe") if results.get(family)]
+    if not panels:
+        raise SystemExit("--plot: no benchmark rows to draw")
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(max(6, max(len(p[1]) for p in panels) * 0.8), 3.6 * len(panels)))
+    for ax, (family, labels, series) in zip(axes[:, 0], panels):
+        width = 0.8 / max(1, len(series))
+        for i, (name, ratios) in enumerate(series.items()):
+            ax.bar([x + i * width for x in range(len(labels))], [r or 0 for r in ratios], width, label=name)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_title(family)
+        ax.set_ylabel("speed-up of pykernels (x)")
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels, fontsize=6)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
