@@ -65,6 +65,16 @@ def test_route_cpp_selection_paths(experts, k, kind):
         assert_route_equal(got, want)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("experts,groups", [(64, 4), (128, 4), (96, 8), (256, 8)])
+@pytest.mark.parametrize("kind", ["ties", "equal"])
+def test_grouped_route_with_tied_group_scores(backend, experts, groups, kind):
+    # a zero bias keeps the sigmoid ties: group scores are sums of two equal keys, and groups tie with each other
+    got, want = route_case(backend, 64, experts, 8, torch.float32, kind=kind, scoring="sigmoid",
+                           bias=torch.zeros(experts), num_groups=groups, topk_groups=2)
+    assert_route_equal(got, want)
+
+
 @settings(max_examples=80, deadline=None)
 @given(tokens=st.integers(0, 40), experts=st.integers(1, 300), k=st.integers(1, 32), seed=st.integers(0, 2**16),
        kind=st.sampled_from(["random", "ties", "equal"]), groups=st.sampled_from([1, 2, 4]),

@@ -230,6 +230,24 @@ struct RouteParams {
 // Group g's score: its largest key (no bias) or the sum of its two largest (bias; the largest alone when the
 // group has one expert), as in common/moe_topk.h's group_score.
 float group_score_of(const float* keys, int64_t size, bool has_bias) {
+#if defined(PK_AVX512)
+  if (size % kVec == 0) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < size; i += kVec) top = _mm512_max_ps(top, _mm512_loadu_ps(keys + i));
+    const float first = _mm512_reduce_max_ps(top);
+    if (!has_bias) return first;
+    // the second largest is `first` again when it occurs twice, else the largest key below it
+    const __m512 first_v = _mm512_set1_ps(first);
+    __m512 below = _mm512_set1_ps(-INFINITY);
+    int equal = 0;
+    for (int64_t i = 0; i < size; i += kVec) {
+      const __m512 v = _mm512_loadu_ps(keys + i);
+      equal += __builtin_popcount(static_cast<uint32_t>(_mm512_cmp_ps_mask(v, first_v, _CMP_EQ_OQ)));
+      below = _mm512_mask_max_ps(below, _mm512_cmp_ps_mask(v, first_v, _CMP_LT_OQ), below, v);
+    }
+    return first + (equal >= 2 ? first : _mm512_reduce_max_ps(below));
+  }
+#endif
   float first = -INFINITY, second = -INFINITY;
   for (int64_t i = 0; i < size; ++i) {
     if (keys[i] > first) {
@@ -256,20 +274,20 @@ void mask_groups(const RouteParams& p, float* keys) {
 // scratch. Without a bias the logits are the keys (same order as the scores), and a softmax needs only the
 // row's sum of exps and the winners' scores.
 void route_token(const RouteParams& p, float* x, float* score, float* key, float* weights, int32_t* ids) {
-  const float* keys = x;
-  float row_max_x = 0.f, sum = 1.f;
-  const bool all_scores = !p.softmax || p.bias != nullptr;
+  // score[e] holds the score itself, or with a softmax without a bias only its numerator exp(x - max)
+  float divisor = 1.f;
   if (p.softmax) {
-    row_max_x = row_max(x, p.padded);
-    sum = exp_shifted(x, row_max_x, p.padded, score);
-    if (all_scores) {
-      for (int64_t e = 0; e < p.experts; ++e) score[e] = score[e] / sum;
-    }
+    divisor = exp_shifted(x, row_max(x, p.padded), p.padded, score);
   } else {
     sigmoid(x, p.padded, score);
   }
+  const float* keys = x;
   if (p.bias != nullptr) {
-    for (int64_t e = 0; e < p.experts; ++e) key[e] = score[e] + p.bias[e];
+    for (int64_t e = 0; e < p.experts; ++e) {
+      score[e] = score[e] / divisor;
+      key[e] = score[e] + p.bias[e];
+    }
+    divisor = 1.f;
     keys = key;
   }
   if (p.groups > 1) {
@@ -281,7 +299,7 @@ void route_token(const RouteParams& p, float* x, float* score, float* key, float
   float chosen[kMoeMaxK];
   float total = 0.f;
   for (int j = 0; j < p.k; ++j) {
-    chosen[j] = all_scores ? score[ids[j]] : score[ids[j]] / sum;
+    chosen[j] = score[ids[j]] / divisor;
     total += chosen[j];
   }
   for (int j = 0; j < p.k; ++j) weights[j] = route_weight(chosen[j], total, p.renormalize, p.scaling);
