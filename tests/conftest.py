@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pykernels import _backend
+from pykernels.reference.merging import random_keep
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -59,3 +60,16 @@ def backend_params(include_reference: bool = True) -> list:
         not _backend.cpp_available(), reason="pykernels._C not built")))
     params.append(pytest.param("triton", id="triton", marks=pytest.mark.triton))
     return params
+
+
+class BernoulliFromOurStream:
+    """Stands in for torch.bernoulli: returns model m's counter-based mask on its m-th call."""
+
+    def __init__(self, seed: int):
+        self.seed, self.calls = seed, 0
+
+    def __call__(self, probs, *args, **kwargs):
+        p = float(probs.reshape(-1)[0])
+        mask = random_keep(probs.numel(), p, self.seed, self.calls).reshape(probs.shape)
+        self.calls += 1
+        return mask.to(probs.dtype)

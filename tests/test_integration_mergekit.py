@@ -20,7 +20,7 @@ mk_methods = pytest.importorskip("mergekit.merge_methods")
 mk_gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
 mk_sce = pytest.importorskip("mergekit.merge_methods.sce")
 
-from conftest import make_models  # noqa: E402
+from conftest import BernoulliFromOurStream, make_models  # noqa: E402
 from pykernels.integrations import mergekit as pm  # noqa: E402
 from pykernels.reference.merging import model_seed, philox_uniform, random_keep  # noqa: E402
 
@@ -173,19 +173,6 @@ def test_sparsify_functions_equal_mergekit(shape, rescale):
 
 # --- DARE / DELLA: the same masks give the same outputs -------------------------------------------------
 
-class DareBernoulli:
-    """torch.bernoulli stand-in for mergekit's DARE: the m-th call returns model m's pykernels mask."""
-
-    def __init__(self, seed: int):
-        self.seed, self.calls = seed, 0
-
-    def __call__(self, probs, *args, **kwargs):
-        p = float(probs.reshape(-1)[0])
-        mask = random_keep(probs.numel(), p, self.seed, self.calls).reshape(probs.shape)
-        self.calls += 1
-        return mask.to(probs.dtype)
-
-
 class DellaBernoulli:
     """torch.bernoulli stand-in for mergekit's della_magprune: keep where our uniform < mergekit's probability,
     the uniform of each element taken at its index in pykernels' ranking layout (rows along dim 1)."""
@@ -213,7 +200,7 @@ def test_random_methods_equal_mergekit_on_our_masks(monkeypatch, method, shape, 
     with pm.patched(seed):
         got = merge_tensors([base] + tensors, method, parameters=params, base_index=0, name=name)
         stream_seed = pm.seed_for(name)
-    stand_in = DellaBernoulli if method.startswith("della") else DareBernoulli
+    stand_in = DellaBernoulli if method.startswith("della") else BernoulliFromOurStream
     monkeypatch.setattr(torch, "bernoulli", stand_in(stream_seed))
     expected = merge_tensors([base] + tensors, method, parameters=params, base_index=0, name=name)
     torch.testing.assert_close(got, expected, **FP32)
@@ -228,7 +215,7 @@ def test_random_sparsifiers_equal_mergekit_on_our_masks(monkeypatch, shape, resc
         got_dare = mk_sparsify.bernoulli(delta, 0.35, rescale)
         got_della = mk_sparsify.della_magprune(delta, 0.4, 0.15, rescale)
         seed = pm.seed_for(None)
-    monkeypatch.setattr(torch, "bernoulli", DareBernoulli(seed))
+    monkeypatch.setattr(torch, "bernoulli", BernoulliFromOurStream(seed))
     torch.testing.assert_close(got_dare, mk_sparsify.bernoulli(delta, 0.35, rescale), **FP32)
     monkeypatch.setattr(torch, "bernoulli", DellaBernoulli(seed))
     torch.testing.assert_close(got_della, mk_sparsify.della_magprune(delta, 0.4, 0.15, rescale), **FP32)

@@ -9,24 +9,10 @@ import pytest
 import torch
 
 import pykernels as pk
-from conftest import backend_params, make_models
-from pykernels.reference.merging import random_keep
+from conftest import BernoulliFromOurStream, backend_params, make_models
 
 WEIGHTS = [0.5, 0.3, 0.7]
 DENSITIES = [0.5, 0.4, 0.3]
-
-
-class BernoulliFromOurStream:
-    """Stands in for torch.bernoulli: returns model m's counter-based mask on its m-th call."""
-
-    def __init__(self, seed: int):
-        self.seed, self.calls = seed, 0
-
-    def __call__(self, probs, *args, **kwargs):
-        p = float(probs.reshape(-1)[0])
-        mask = random_keep(probs.numel(), p, self.seed, self.calls).reshape(probs.shape)
-        self.calls += 1
-        return mask.to(probs.dtype)
 
 
 @pytest.fixture
