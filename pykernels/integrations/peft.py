@@ -24,8 +24,9 @@ signs, >= 0 counts as positive) runs on the *unweighted* pruned task tensors; th
 *number* of agreeing models, clamped to >= 1; DARE keeps each element with probability density (rounded to the
 task tensor's dtype, as peft's ``torch.full_like(tensor, density)`` does) and rescales by 1/density;
 prune() warns and returns its input when density >= 1 and raises ValueError when density < 0 (ties and the other
-whole merges warn once per task tensor, as peft's do); output dtypes follow peft's type promotion (e.g. bfloat16
-task tensors merged with float32 weights give float32). Errors are raised where peft raises, with the same
+whole merges warn once per task tensor, as peft's do); output dtypes follow peft's type promotion (bfloat16
+task tensors merged with float32 weights give float32; ties and dare_ties give at least the default float dtype,
+because peft divides by a float32 count). Errors are raised where peft raises, with the same
 exception types (RuntimeError for an out-of-range top-k size or keep probability, RuntimeError for an unknown
 majority_sign_method, ValueError for a negative density or an unknown pruning method, torch's own errors for
 tensors that cannot be stacked).
@@ -470,8 +471,12 @@ def _fused_merge(name: str, task_tensors, weights, density, sign_method: str | N
     fused = None
     backend = _tasks_backend(tasks)
     w = _model_weights(weights, tasks) if backend is not None else None
-    if w is not None and _result_dtype(tasks, weights) in SUPPORTED_DTYPES:
-        options = dict(weights=w, out_dtype=_result_dtype(tasks, weights), backend=backend, normalize=False)
+    out_dtype = _result_dtype(tasks, weights) if w is not None else None
+    if out_dtype is not None and sign_method is not None:
+        # peft divides by clamp(count, min=1.0), a tensor of the default float dtype: bf16 * bf16 gives float32
+        out_dtype = torch.promote_types(out_dtype, torch.get_default_dtype())
+    if out_dtype in SUPPORTED_DTYPES:
+        options = dict(weights=w, out_dtype=out_dtype, backend=backend, normalize=False)
         if sign_method is not None:
             options.update(consensus=SIGN_METHODS[sign_method], sign_source="unweighted", divisor="count",
                            normalize=True)
@@ -620,8 +625,9 @@ def unpatch() -> None:
         _replace_everywhere(mapping)
         for module, attr, _ in _state.records:  # modules since removed from sys.modules
             value = getattr(module, attr, None)
-            if value in mapping:
-                setattr(module, attr, mapping[value])
+            for installed, original in mapping.items():
+                if value is installed:
+                    setattr(module, attr, original)
         _state.records, _state.installed, _state.originals, _state.backend = [], {}, {}, None
 
 
