@@ -51,6 +51,10 @@ e.g. add_weighted_adapter's *_svd variants, which merge get_delta_weight() outpu
 the backward recomputes the merge on the torch path with the same masks (first-order gradients).
 stats() counts which path each call took.
 
+Peak extra memory: a fused merge, the output plus the engine's per-thread histograms and a bool tensor of the
+output's size (the finiteness check); the pruning functions, the output and that check; the torch path, what
+peft's own code allocates (the (N, ...) stack and the pruned copies).
+
 Random masks (random_pruning, dare_linear, dare_ties) come from pykernels' counter-based Philox stream
 (DESIGN.md section 2), never from torch.bernoulli. Each call draws one 63-bit call seed s; task tensor m of the
 call uses stream model_seed(s, m) = (s + m * 0x9E3779B97F4A7C15) mod 2^63 (random_pruning: s itself), element i
@@ -374,16 +378,14 @@ def magnitude_based_pruning(tensor: torch.Tensor, density: float) -> torch.Tenso
     masking pass, no sort."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    k = _topk_size(tensor, density)
-    fused = None
+    rho = _density_for_k(_topk_size(tensor, density), tensor.numel())
     backend = _engine_backend(tensor.device) if _engine_tensor(tensor) else None
-    if backend is not None:
-        rho = _density_for_k(k, tensor.numel())
 
-        def fused(xs):
-            return _sparsify(xs[0], "magnitude", rho, k_rule="floor", backend=backend)
+    def fused(xs):
+        return _sparsify(xs[0], "magnitude", rho, k_rule="floor", backend=backend)
 
-    return _dispatch("magnitude_based_pruning", [tensor], fused, lambda xs: _torch_magnitude_pruning(xs[0], density))
+    return _dispatch("magnitude_based_pruning", [tensor], fused if backend is not None else None,
+                     lambda xs: _torch_magnitude_pruning(xs[0], density))
 
 
 def random_pruning(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
@@ -394,15 +396,13 @@ def random_pruning(tensor: torch.Tensor, density: float, rescale: bool) -> torch
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     p = _keep_probability(tensor, density)
     seed = _next_seed()
-    fused = None
-    backend = _engine_backend(tensor.device) if _engine_tensor(tensor) else None
-    if backend is not None and _real(density) is not None:
+    backend = _engine_backend(tensor.device) if _engine_tensor(tensor) and _real(density) is not None else None
 
-        def fused(xs):
-            kept = _sparsify(xs[0], "random", p, seed=seed, rescale="none", backend=backend)
-            return kept / density if rescale else kept
+    def fused(xs):
+        kept = _sparsify(xs[0], "random", p, seed=seed, rescale="none", backend=backend)
+        return kept / density if rescale else kept
 
-    return _dispatch("random_pruning", [tensor], fused,
+    return _dispatch("random_pruning", [tensor], fused if backend is not None else None,
                      lambda xs: _torch_random_pruning(xs[0], density, rescale, seed))
 
 
@@ -447,6 +447,41 @@ def disjoint_merge(task_tensors: torch.Tensor, majority_sign_mask: torch.Tensor)
     return _torch_disjoint(task_tensors, majority_sign_mask)
 
 
+def _engine_call(tasks: list, weights, density, sign_method: str | None, sparsifier: str, seed: int):
+    """(method, keyword arguments) of the pykernels.merging.merge call computing peft's merge, or None when the
+    engine cannot (the torch path runs). density None: no pruning (peft's density >= 1, or task_arithmetic)."""
+    backend = _tasks_backend(tasks)
+    w = _model_weights(weights, tasks) if backend is not None else None
+    if w is None:
+        return None
+    out_dtype = _result_dtype(tasks, weights)
+    if sign_method is not None:
+        # peft divides by clamp(count, min=1.0), a tensor of the default float dtype: bf16 * bf16 gives float32
+        out_dtype = torch.promote_types(out_dtype, torch.get_default_dtype())
+    if out_dtype not in SUPPORTED_DTYPES:
+        return None
+    options = dict(weights=w, out_dtype=out_dtype, backend=backend, normalize=False)
+    if sign_method is not None:
+        options.update(consensus=SIGN_METHODS[sign_method], sign_source="unweighted", divisor="count",
+                       normalize=True)
+    if density is None:
+        return "task_arithmetic", options
+    d = _real(density)
+    if d is None:
+        return None  # a density tensor or NaN: the torch path (with peft's errors)
+    if sparsifier == "magnitude":
+        options.update(densities=_density_for_k(_topk_size(tasks[0], density), tasks[0].numel()), k_rule="floor",
+                       consensus=options.get("consensus", "none"))
+        return "ties", options
+    # DARE: keep with p = density in each task tensor's dtype (peft's full_like), weights * 1/density
+    scaled = [wi / d for wi in w] if d > 0 else [math.inf]  # density 0: peft's 0/0 gives NaN
+    if not all(math.isfinite(v) for v in scaled):
+        return None
+    options.update(weights=scaled, densities=[_keep_probability(t, density) for t in tasks], rescale="none",
+                   seed=seed)
+    return ("dare_linear" if sign_method is None else "dare_ties"), options
+
+
 def _fused_merge(name: str, task_tensors, weights, density, sign_method: str | None, sparsifier: str):
     """The whole merges: sparsifier "none" (task_arithmetic), "magnitude" or "random" (DARE, 1/density rescale);
     sign_method None (weighted sum) or "total"/"frequency" (sign election + disjoint mean)."""
@@ -454,8 +489,7 @@ def _fused_merge(name: str, task_tensors, weights, density, sign_method: str | N
     prune_on = sparsifier != "none" and _prune_gate(density, len(tasks))
     if sign_method is not None:
         _check_sign_method(sign_method)
-    if prune_on and sparsifier == "random":
-        seed = _next_seed()
+    seed = _next_seed() if prune_on and sparsifier == "random" else 0
     n = len(tasks)
 
     def pruned_of(xs):
@@ -468,39 +502,13 @@ def _fused_merge(name: str, task_tensors, weights, density, sign_method: str | N
     def fallback(xs):
         return _torch_merge(pruned_of(xs), xs[n], sign_method)
 
-    fused = None
-    backend = _tasks_backend(tasks)
-    w = _model_weights(weights, tasks) if backend is not None else None
-    out_dtype = _result_dtype(tasks, weights) if w is not None else None
-    if out_dtype is not None and sign_method is not None:
-        # peft divides by clamp(count, min=1.0), a tensor of the default float dtype: bf16 * bf16 gives float32
-        out_dtype = torch.promote_types(out_dtype, torch.get_default_dtype())
-    if out_dtype in SUPPORTED_DTYPES:
-        options = dict(weights=w, out_dtype=out_dtype, backend=backend, normalize=False)
-        if sign_method is not None:
-            options.update(consensus=SIGN_METHODS[sign_method], sign_source="unweighted", divisor="count",
-                           normalize=True)
-        method = "task_arithmetic"
-        d = _real(density) if prune_on else None
-        if prune_on and d is None:
-            options = None  # a density tensor or NaN: the torch path (with peft's errors)
-        elif prune_on and sparsifier == "magnitude":
-            method = "ties"
-            options.update(densities=_density_for_k(_topk_size(tasks[0], density), tasks[0].numel()),
-                           k_rule="floor", consensus=options.get("consensus", "none"))
-        elif prune_on:  # DARE: keep with p = density in each task tensor's dtype, weights * 1/density
-            scaled = [wi / d for wi in w] if d > 0 else None
-            if scaled is None or not all(math.isfinite(v) for v in scaled):
-                options = None  # density 0: peft's 0/0 gives NaN
-            else:
-                method = "dare_linear" if sign_method is None else "dare_ties"
-                options.update(weights=scaled, densities=[_keep_probability(t, density) for t in tasks],
-                               rescale="none", seed=seed)
-        if options is not None:
-            def fused(xs):
-                return _merge(None, list(xs[:n]), method, **options)
+    engine = _engine_call(tasks, weights, density if prune_on else None, sign_method, sparsifier, seed)
 
-    return _dispatch(name, tasks + [weights], fused, fallback)
+    def fused(xs):
+        method, options = engine
+        return _merge(None, list(xs[:n]), method, **options)
+
+    return _dispatch(name, tasks + [weights], fused if engine is not None else None, fallback)
 
 
 def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
