@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-cpu test-triton cuda-check bench
+.PHONY: install test test-cpu test-triton cuda-check bench peer-suites
 
 # torch is pinned to the CPU wheel and installed first, on its own: an unpinned torch (or a package asking
 # for one) would download a multi-GB CUDA build. The extension builds against that torch
@@ -26,3 +26,8 @@ test: install cuda-check test-cpu test-triton
 
 bench: install
 	$(PYTHON) -m pykernels bench
+
+# peft's and mergekit's own tests, unpatched and with our drop-in backends (downloads their sdists once)
+peer-suites:
+	bash tools/peer_suites/peft_suite.sh
+	bash tools/peer_suites/mergekit_suite.sh
