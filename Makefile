@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-cpu test-triton cuda-check bench peer-suites
+.PHONY: install test test-cpu test-triton cuda-check bench peer-suites peer-suite-peft
 
 # torch is pinned to the CPU wheel and installed first, on its own: an unpinned torch (or a package asking
 # for one) would download a multi-GB CUDA build. The extension builds against that torch
@@ -22,12 +22,15 @@ test-cpu:
 test-triton:
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m triton
 
-test: install cuda-check test-cpu test-triton
+test: install cuda-check test-cpu test-triton peer-suite-peft
 
 bench: install
 	$(PYTHON) -m pykernels bench
 
 # peft's and mergekit's own tests, unpatched and with our drop-in backends (downloads their sdists once)
-peer-suites:
-	bash tools/peer_suites/peft_suite.sh
+peer-suites: peer-suite-peft
 	bash tools/peer_suites/mergekit_suite.sh
+
+# in `make test`: about 70 s, needs only PyPI (mergekit's suite also needs a file from GitHub)
+peer-suite-peft:
+	bash tools/peer_suites/peft_suite.sh
