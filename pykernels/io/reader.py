@@ -112,8 +112,8 @@ class Checkpoint:
                 if wanted is not None and name not in wanted:
                     continue  # a tensor the index does not list belongs to no model tensor
                 if name in self.infos:
-                    raise CheckpointError(f"{self.label}: tensor {name!r} is stored twice ({self.infos[name].file.name} "
-                                          f"and {file.name})")
+                    raise CheckpointError(f"{self.label}: tensor {name!r} is stored twice "
+                                          f"({self.infos[name].file.name} and {file.name})")
                 dtype = DTYPES.get(entry["dtype"])
                 if dtype is None:
                     raise CheckpointError(f"{self.label}: tensor {name!r} in {file} has dtype {entry['dtype']}, "
