@@ -660,10 +660,10 @@ def _check_global(plan: Plan) -> None:
                                f"breadcrumbs_ties, not to {plan.method}")
     merged = [j for j in plan.jobs if j.merge]
     first = merged[0].kwargs
-    for key in ("densities", "gammas"):
+    for key, word in (("densities", "density"), ("gammas", "gamma")):
         for j in merged:
             if j.kwargs.get(key) != first.get(key):
-                raise MergeConfigError(f"--global-density needs one {key[:-1]} per model for the whole model, but "
+                raise MergeConfigError(f"--global-density needs one {word} per model for the whole model, but "
                                        f"tensor {j.name!r} gets {j.kwargs.get(key)} and {merged[0].name!r} gets "
                                        f"{first.get(key)} (filters / gradients)")
     plan.global_densities = first["densities"]
