@@ -1,4 +1,5 @@
-"""`pykernels` console script: bench (the main job) and check (every kernel against its reference)."""
+"""`pykernels` console script: bench (the main job), check (every kernel against its reference) and merge
+(merge checkpoints from a mergekit-style YAML config: pykernels.merge_command)."""
 from __future__ import annotations
 
 import argparse
@@ -162,6 +163,18 @@ def check(args) -> int:
     return 1 if failures else 0
 
 
+def add_merge_arguments(p) -> None:
+    from .merge_command import add_arguments
+
+    add_arguments(p)
+
+
+def merge(args) -> int:
+    from .merge_command import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pykernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +189,9 @@ def main(argv=None) -> int:
     p.set_defaults(run=bench)
     p = sub.add_parser("check", help="check every kernel against its reference on this machine")
     p.set_defaults(run=check)
+    p = sub.add_parser("merge", help="merge local safetensors checkpoints from a mergekit-style YAML config")
+    add_merge_arguments(p)
+    p.set_defaults(run=merge)
     args = parser.parse_args(argv)
     return args.run(args)
 
