@@ -43,7 +43,7 @@ def extension():
 
 
 setup(
-    packages=["pykernels", "pykernels.reference", "pykernels.kernels", "pykernels.integrations"],
+    packages=["pykernels", "pykernels.reference", "pykernels.kernels", "pykernels.integrations", "pykernels.io"],
     package_dir={"pykernels.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
