@@ -24,7 +24,6 @@ from summed histograms; global l1 norms are summed in tensor order), so the outp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -44,6 +43,8 @@ import torch
 
 from .io import Checkpoint, CheckpointError, ShardedWriter, parse_size, plan_shards
 from .io.writer import tensor_bytes
+from .model_merging import _progress, _task_vector, engine_thresholds
+from .reference.merging import tensor_seed
 
 SUPPORTED = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
              "della", "della_linear", "sce")
@@ -305,13 +306,6 @@ def load_config(path) -> MergeConfig:
 
 
 # --- the plan -----------------------------------------------------------------------------------------------
-
-def tensor_seed(seed: int, name: str) -> int:
-    """The seed of tensor `name`'s random masks: the first 8 bytes (little-endian) of
-    blake2b(f"{seed}:{name}") with the top bit cleared. Depends on the name only, never on order or process."""
-    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
 
 @dataclass
 class Job:
@@ -722,20 +716,6 @@ class _Inputs:
         return base, tensors, release
 
 
-def _delta(base: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """t - base in float32 (one float32 buffer; the same float32 subtraction the kernels perform)."""
-    d = t.float() if t.dtype != torch.float32 else t.clone()
-    return d.sub_(base)
-
-
-class _NumelOnly:
-    def __init__(self, n: int):
-        self.n = n
-
-    def numel(self) -> int:
-        return self.n
-
-
 class GlobalSelection:
     """Model-wide thresholds (magnitude / band) over this process's jobs, all-reduced across processes."""
 
@@ -751,10 +731,10 @@ class GlobalSelection:
         gammas = plan.global_gammas or [0.01] * n
         ranks = _global_ranks(plan.method, plan.global_densities, gammas, total, k_rule)
         streams = [StreamingThreshold(0, abs=True, nan="largest") for _ in range(n)]
-        for job in _bar(local, progress, "global density: histograms"):
+        for job in _progress(local, progress, "global density: histograms"):
             base, tensors, release = inputs.load(job)
             for m, t in enumerate(tensors):
-                d = _delta(base, t)
+                d = _task_vector(base, t)
                 streams[m].update(d)
                 del d
             del tensors
@@ -766,7 +746,7 @@ class GlobalSelection:
         for m in range(n):
             def d_of(i: int, m=m) -> torch.Tensor:
                 base, (t,), release = inputs.load(local[i], [m])
-                d = _delta(base, t)
+                d = _task_vector(base, t)
                 release()
                 return d
             self.thresholds.append([streams[m].resolve(d_of, k=k) for k in ranks[m]])
@@ -774,21 +754,8 @@ class GlobalSelection:
     def for_job(self, i: int, base, tensors) -> torch.Tensor:
         """int64 (N, 2) or (N, 4) engine thresholds of local job i."""
         from . import _backend, _ops
-        from .model_merging import _engine_threshold
-        from .reference.selection import KEEP_NONE
 
-        ops = _ops.primitives(_backend.resolve(None, base.device))
-        rows = []
-        for m, t in enumerate(tensors):
-            row = []
-            for th in self.thresholds[m]:
-                kept = th.ties_kept_per_tensor()[i] if th.key != KEEP_NONE else 0
-                partial = th.key != KEEP_NONE and 0 < kept < th.ties_per_tensor[i]
-                d = _delta(base, t) if partial else _NumelOnly(t.numel())
-                row.extend(_engine_threshold(th, i, d, ops))
-                del d
-            rows.append(row)
-        return torch.tensor(rows, dtype=torch.int64, device=base.device)
+        return engine_thresholds(self.thresholds, i, base, tensors, _ops.primitives(_backend.resolve(None, base.device)))
 
 
 def _global_l1_scales(plan: Plan, local_range: range, inputs: _Inputs, group, progress: bool) -> torch.Tensor:
@@ -802,7 +769,7 @@ def _global_l1_scales(plan: Plan, local_range: range, inputs: _Inputs, group, pr
     merged = [i for i, j in enumerate(plan.jobs) if j.merge]
     slot = {i: s for s, i in enumerate(merged)}
     table = torch.zeros(len(merged), n, 2, dtype=torch.float64)
-    for i in _bar(list(local_range), progress, "global density: l1 norms"):
+    for i in _progress(list(local_range), progress, "global density: l1 norms"):
         job = plan.jobs[i]
         if not job.merge:
             continue
@@ -822,14 +789,6 @@ def _global_l1_scales(plan: Plan, local_range: range, inputs: _Inputs, group, pr
     for row in table:
         totals += row
     return _l1_ratio(totals)
-
-
-def _bar(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="tensor", disable=None, leave=False)
 
 
 def _changed_fraction(out: torch.Tensor, base: torch.Tensor) -> tuple[float, int]:

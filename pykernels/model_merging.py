@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from . import _backend, _ops
-from .merging import GAMMA_DEFAULT, METHODS, _check_densities, _per_model, _topk_counts, merge
+from .merging import GAMMA_DEFAULT, METHODS, _check_densities, _l1_ratio, _per_model, _topk_counts, merge
 from .reference.merging import band_counts
 from .reference.selection import KEEP_NONE, ORDER_NAN_KEY
 from .selection import StreamingThreshold
@@ -24,18 +24,20 @@ GLOBAL_SPARSIFIERS = ("magnitude", "band", "random")
 
 
 def _progress(items: Sequence, enabled: bool, desc: str) -> Iterable:
+    """A tqdm bar over items when enabled and tqdm is installed (off when stderr is not a terminal)."""
     if not enabled:
         return items
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc=desc, unit="tensor")
+    return tqdm(items, desc=desc, unit="tensor", disable=None, leave=False)
 
 
 def _task_vector(base: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-    """d = tensor - base in float32: the same float32 subtraction the kernels perform."""
-    return tensor.float() - base.float()
+    """d = tensor - base in float32 (one float32 buffer; the same float32 subtraction the kernels perform)."""
+    d = tensor.float() if tensor.dtype != torch.float32 else tensor.clone()
+    return d.sub_(base)
 
 
 def _tensor_names(base: Mapping, models: Sequence[Mapping]) -> list[str]:
@@ -47,17 +49,30 @@ def _tensor_names(base: Mapping, models: Sequence[Mapping]) -> list[str]:
     return names
 
 
-def _engine_threshold(threshold, i: int, d: torch.Tensor, ops) -> tuple[int, int]:
-    """The engine's (key, cutoff) of a global threshold restricted to tensor i with task vector d."""
+def _engine_threshold(threshold, i: int, numel: int, task_vector: Callable[[], torch.Tensor], ops) -> tuple[int, int]:
+    """The engine's (key, cutoff) of a global threshold restricted to tensor i (numel elements); the task vector
+    is computed only when the threshold's ties split inside this tensor."""
     if threshold.key == KEEP_NONE:
         return KEEP_NONE, -1
     kept = threshold.ties_kept_per_tensor()[i]
     key = ENGINE_NAN_KEY if threshold.key == ORDER_NAN_KEY else threshold.key
     if kept == threshold.ties_per_tensor[i]:
-        return key, d.numel() - 1
+        return key, numel - 1
     if kept == 0:
         return key, -1
-    return key, int(ops.key_find(d, True, threshold.key, kept))
+    return key, int(ops.key_find(task_vector(), True, threshold.key, kept))
+
+
+def engine_thresholds(thresholds: Sequence[Sequence], i: int, base_t: torch.Tensor, tensors: Sequence[torch.Tensor],
+                      ops) -> torch.Tensor:
+    """int64 (N, 2) or (N, 4): model m's global thresholds (thresholds[m]) as engine thresholds of tensor i."""
+    rows = []
+    for m, t in enumerate(tensors):
+        row = []
+        for th in thresholds[m]:
+            row.extend(_engine_threshold(th, i, t.numel(), lambda: _task_vector(base_t, t), ops))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int64, device=base_t.device)
 
 
 class _GlobalSelection:
@@ -78,14 +93,7 @@ class _GlobalSelection:
 
     def for_tensor(self, i: int, base_t: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
         ops = _ops.primitives(_backend.resolve(self.backend, base_t.device))
-        rows = []
-        for m, t in enumerate(tensors):
-            d = _task_vector(base_t, t)
-            row = []
-            for th in self.thresholds[m]:
-                row.extend(_engine_threshold(th, i, d, ops))
-            rows.append(row)
-        return torch.tensor(rows, dtype=torch.int64)
+        return engine_thresholds(self.thresholds, i, base_t, tensors, ops)
 
 
 def _global_ranks(method: str, densities: list[float], gammas: list[float], total: int, k_rule: str) -> list[list[int]]:
@@ -105,9 +113,7 @@ def _global_l1_scales(base: Mapping, models: Sequence[Mapping], names: list[str]
         ops = _ops.primitives(_backend.resolve(backend, b.device))
         thresholds = torch.zeros(len(models), 2, dtype=torch.int64)
         totals += ops.delta_l1_norms(b, [m[name] for m in models], 2, thresholds, densities, seed).cpu()
-    before, after = totals[:, 0], totals[:, 1]
-    skip = (before < 1e-7) | (after < 1e-7)
-    return torch.where(skip, torch.ones_like(before), before / after).to(torch.float32)
+    return _l1_ratio(totals)
 
 
 def merge_model(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],

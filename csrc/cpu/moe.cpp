@@ -350,23 +350,27 @@ std::tuple<at::Tensor, at::Tensor> moe_topk_route(const at::Tensor& logits_in, i
 
 // ---- counting sort of the pairs by expert ----------------------------------------------------------------------
 
-// Per-chunk expert counts of the flattened pairs: counts[c * E + e]. Raises on an id outside [0, E).
-std::vector<int64_t> chunk_counts(const int32_t* ids, int64_t pairs, int64_t experts) {
+// fn(chunk, pair, expert) for every pair, chunk by chunk in parallel (pairs in ascending order within a chunk).
+template <typename Fn>
+void for_each_pair(const int32_t* ids, int64_t pairs, Fn fn) {
   const int64_t chunks = (pairs + kPairChunk - 1) / kPairChunk;
-  std::vector<int64_t> counts(chunks * experts, 0);
-  std::atomic<bool> bad{false};
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      int64_t* row = counts.data() + c * experts;
       const int64_t last = std::min(pairs, (c + 1) * kPairChunk);
-      for (int64_t p = c * kPairChunk; p < last; ++p) {
-        const int32_t e = ids[p];
-        if (e < 0 || e >= experts) {
-          bad = true;
-          return;
-        }
-        ++row[e];
-      }
+      for (int64_t p = c * kPairChunk; p < last; ++p) fn(c, p, ids[p]);
+    }
+  });
+}
+
+// Per-chunk expert counts of the flattened pairs: counts[c * E + e]. Raises on an id outside [0, E).
+std::vector<int64_t> chunk_counts(const int32_t* ids, int64_t pairs, int64_t experts) {
+  std::vector<int64_t> counts((pairs + kPairChunk - 1) / kPairChunk * experts, 0);
+  std::atomic<bool> bad{false};
+  for_each_pair(ids, pairs, [&](int64_t c, int64_t, int32_t e) {
+    if (e < 0 || e >= experts) {
+      bad.store(true, std::memory_order_relaxed);
+    } else {
+      ++counts[c * experts + e];
     }
   });
   TORCH_CHECK(!bad, "moe: ids must be expert indices in [0, ", experts, ")");
@@ -396,16 +400,8 @@ std::vector<int64_t> expert_totals(const std::vector<int64_t>& counts, int64_t e
 template <typename Index, typename Keep>
 void scatter_pairs(const int32_t* ids, int64_t pairs, int64_t experts, std::vector<int64_t>& next, Index* out,
                    Keep keep) {
-  const int64_t chunks = (pairs + kPairChunk - 1) / kPairChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      int64_t* row = next.data() + c * experts;
-      const int64_t last = std::min(pairs, (c + 1) * kPairChunk);
-      for (int64_t p = c * kPairChunk; p < last; ++p) {
-        const int32_t e = ids[p];
-        if (keep(e)) out[row[e]++] = static_cast<Index>(p);
-      }
-    }
+  for_each_pair(ids, pairs, [&](int64_t c, int64_t p, int32_t e) {
+    if (keep(e)) out[next[c * experts + e]++] = static_cast<Index>(p);
   });
 }
 

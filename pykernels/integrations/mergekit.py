@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.metadata
 import math
 import os
@@ -70,11 +69,11 @@ import torch
 
 from .. import _backend
 from .. import merging as pk_merging
+from ..reference.merging import tensor_seed
 
 SUPPORTED_VERSION = "0.1.5"
 SEED_ENV = "PYKERNELS_MERGEKIT_SEED"
 _LEAVES = ("magnitude", "bernoulli", "magnitude_outliers", "della_magprune")
-_MASK63 = (1 << 63) - 1
 
 _lock = threading.RLock()
 _state = {"patched": False, "seed": None, "records": []}  # seed None: $PYKERNELS_MERGEKIT_SEED, else 0
@@ -86,8 +85,7 @@ _stats = {"routed": Counter(), "fallback": Counter()}
 
 def seed_for(name: str | None) -> int:
     """The pykernels seed of a merge of the tensor group named `name` (None and "" are the same)."""
-    digest = hashlib.blake2b((name or "").encode("utf-8"), digest_size=8).digest()
-    return (base_seed() + int.from_bytes(digest, "little")) & _MASK63
+    return tensor_seed(base_seed(), name)
 
 
 def base_seed() -> int:

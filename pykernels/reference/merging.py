@@ -9,6 +9,8 @@ Engine codes (shared with the C++, Triton and CUDA backends):
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .selection import keep_mask, magnitude_keys, task_vector
@@ -27,6 +29,13 @@ _GOLDEN64 = 0x9E3779B97F4A7C15
 def model_seed(seed: int, m: int) -> int:
     """Seed of model m's independent stream (DESIGN.md section 2)."""
     return (seed + m * _GOLDEN64) % (1 << 63)
+
+
+def tensor_seed(seed: int, name: str | None) -> int:
+    """Seed of the random masks of the tensor called `name` (None is ""): (seed + blake2b-64(name)) mod 2^63,
+    the first 8 digest bytes read little-endian. A function of the name, never of the order or the process."""
+    digest = hashlib.blake2b((name or "").encode("utf-8"), digest_size=8).digest()
+    return (seed + int.from_bytes(digest, "little")) % (1 << 63)
 
 
 def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
