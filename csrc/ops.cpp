@@ -26,6 +26,12 @@ TORCH_LIBRARY(pykernels, m) {
       "fused_merge(Tensor? base, Tensor[] tensors, int sparsifier, Tensor thresholds, float[] keep_probs, "
       "int seed, Tensor scales, float[] weights, int sign_source, int consensus, int divisor, bool normalize, "
       "float lambda_, ScalarType out_dtype) -> Tensor");
+  // fused_merge with scales = l1 ratios sum|d_i| / sum|kept d_i| of delta_l1_norms (1 where either is below 1e-7),
+  // computed in the same call. See reference.merging.fused_merge_l1.
+  m.def(
+      "fused_merge_l1(Tensor? base, Tensor[] tensors, int sparsifier, Tensor thresholds, float[] keep_probs, "
+      "int seed, float[] weights, int sign_source, int consensus, int divisor, bool normalize, float lambda_, "
+      "ScalarType out_dtype) -> Tensor");
   // Philox uniforms, bit-identical to triton.language.rand(seed, offset + arange(n)): float32 (n,).
   m.def("philox_uniform(int seed, int offset, int n) -> Tensor");
 

@@ -5,6 +5,7 @@ docs/PRIMITIVES.md for the order-statistics, statistics and DELLA ones).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -29,6 +30,11 @@ def _fake_norms(base, tensors, sparsifier, thresholds, keep_probs, seed):
 
 def _fake_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales, weights, sign_source, consensus,
                 divisor, normalize, lambda_, out_dtype):
+    return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
+
+
+def _fake_merge_l1(base, tensors, sparsifier, thresholds, keep_probs, seed, weights, sign_source, consensus, divisor,
+                   normalize, lambda_, out_dtype):
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
 
@@ -113,6 +119,7 @@ _FAKES = {
     "delta_topk_thresholds": _fake_thresholds,
     "delta_l1_norms": _fake_norms,
     "fused_merge": _fake_merge,
+    "fused_merge_l1": _fake_merge_l1,
     "key_histogram": _fake_key_histogram,
     "key_mask": _fake_key_mask,
     "key_find": _fake_key_find,
@@ -166,6 +173,25 @@ def triton_fused_merge(base: Optional[Tensor], tensors: List[Tensor], sparsifier
 
     return k.fused_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales, weights, sign_source,
                          consensus, divisor, normalize, lambda_, out_dtype)
+
+
+@torch.library.custom_op("pykernels::triton_fused_merge_l1", mutates_args=())
+def triton_fused_merge_l1(base: Optional[Tensor], tensors: List[Tensor], sparsifier: int, thresholds: Tensor,
+                          keep_probs: List[float], seed: int, weights: List[float], sign_source: int, consensus: int,
+                          divisor: int, normalize: bool, lambda_: float, out_dtype: torch.dtype) -> Tensor:
+    from .kernels import merging as k
+
+    return _merge_with_l1_scales(k.delta_l1_norms, k.fused_merge, base, tensors, sparsifier, thresholds, keep_probs,
+                                 seed, weights, sign_source, consensus, divisor, normalize, lambda_, out_dtype)
+
+
+def _merge_with_l1_scales(delta_l1_norms, fused_merge, base, tensors, sparsifier, thresholds, keep_probs, seed,
+                          *combination) -> Tensor:
+    """fused_merge_l1 from a backend's delta_l1_norms and fused_merge (masks drawn in both passes: on a GPU the
+    draws are cheap next to the memory traffic)."""
+    norms = delta_l1_norms(base, tensors, sparsifier, thresholds, keep_probs, seed)
+    scales = ref_merging.l1_ratio(norms)
+    return fused_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales, *combination)
 
 
 @torch.library.custom_op("pykernels::triton_key_histogram", mutates_args=())
@@ -309,6 +335,7 @@ class Primitives(NamedTuple):
     delta_topk_thresholds: Callable
     delta_l1_norms: Callable
     fused_merge: Callable
+    fused_merge_l1: Callable
     key_histogram: Callable
     key_mask: Callable
     key_find: Callable
@@ -343,10 +370,12 @@ _PRIMITIVES = {
 if _backend.cpp_available():
     _PRIMITIVES["cpp"] = Primitives(**{name: getattr(torch.ops.pykernels, name) for name in Primitives._fields})
     # The CUDA build has a kernel for every op but the attention plan and the MoE permute / combine, which run
-    # in the Triton kernels.
+    # in the Triton kernels, and fused_merge_l1, composed from the CUDA norm and merge kernels.
     _PRIMITIVES["cuda"] = _PRIMITIVES["cpp"]._replace(
         pbs_permutation=triton_pbs_permutation, pbs_select_blocks=triton_pbs_select_blocks,
-        moe_permute=triton_moe_permute, moe_unpermute=triton_moe_unpermute)
+        moe_permute=triton_moe_permute, moe_unpermute=triton_moe_unpermute,
+        fused_merge_l1=functools.partial(_merge_with_l1_scales, torch.ops.pykernels.delta_l1_norms,
+                                         torch.ops.pykernels.fused_merge))
 
 
 def primitives(backend: str) -> Primitives:

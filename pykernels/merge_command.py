@@ -44,7 +44,7 @@ import torch
 from .io import Checkpoint, CheckpointError, ShardedWriter, parse_size, plan_shards
 from .io.writer import tensor_bytes
 from .model_merging import _progress, _task_vector, engine_thresholds
-from .reference.merging import tensor_seed
+from .reference.merging import l1_ratio, tensor_seed
 
 SUPPORTED = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
              "della", "della_linear", "sce")
@@ -762,7 +762,6 @@ def _global_l1_scales(plan: Plan, local_range: range, inputs: _Inputs, group, pr
     """DARE's l1 rescale over the whole model: per model sum|d| / sum|kept d| over every tensor (per-tensor masks
     seeded by tensor_seed), summed in plan order so every process count gives the same float64 totals."""
     from . import _backend, _ops
-    from .merging import _l1_ratio
     from .reference.merging import SPARSIFIERS
 
     n = len(plan.models)
@@ -788,7 +787,7 @@ def _global_l1_scales(plan: Plan, local_range: range, inputs: _Inputs, group, pr
     totals = torch.zeros(n, 2, dtype=torch.float64)
     for row in table:
         totals += row
-    return _l1_ratio(totals)
+    return l1_ratio(totals)
 
 
 def _changed_fraction(out: torch.Tensor, base: torch.Tensor) -> tuple[float, int]:

@@ -20,7 +20,7 @@ import torch
 
 from . import _backend, _ops
 from .reference import sce as ref_sce
-from .reference.merging import CONSENSUS, DIVISORS, SIGN_SOURCES, SPARSIFIERS, band_counts
+from .reference.merging import CONSENSUS, DIVISORS, SIGN_SOURCES, SPARSIFIERS, band_counts, l1_ratio
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_MODELS = 64
@@ -179,21 +179,11 @@ def _choice(value: str, options: dict | tuple, name: str) -> str:
 
 # --- the engine -----------------------------------------------------------------------------------------
 
-def _scales(ops, base, tensors, rescale, sparsifier_code, thresholds, densities, seed, device) -> torch.Tensor:
-    n = len(tensors)
+def _scales(n: int, rescale: str, densities, device) -> torch.Tensor:
+    """The scales of rescale "none" or "inverse" (the l1 rescale is computed by fused_merge_l1)."""
     if rescale == "none":
         return torch.ones(n, dtype=torch.float32, device=device)
-    if rescale == "inverse":
-        return torch.tensor([1.0 / p if p > 0 else 1.0 for p in densities], dtype=torch.float32, device=device)
-    return _l1_ratio(ops.delta_l1_norms(base, tensors, sparsifier_code, thresholds, densities, seed))
-
-
-def _l1_ratio(norms: torch.Tensor) -> torch.Tensor:
-    """Scale of the kept values from (sum |d|, sum |kept d|) rows."""
-    before, after = norms[:, 0], norms[:, 1]
-    # mergekit: skip the rescale when either norm is tiny; NaN norms fall through and propagate.
-    skip = (before < 1e-7) | (after < 1e-7)
-    return torch.where(skip, torch.ones_like(before), before / after).to(torch.float32)
+    return torch.tensor([1.0 / p if p > 0 else 1.0 for p in densities], dtype=torch.float32, device=device)
 
 
 def merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], method: str = "task_arithmetic", *,
@@ -299,12 +289,14 @@ def _run(ops, base, tensors, preset: Preset, weights, densities, lambda_, seed, 
         thresholds = _band_thresholds(ops, base, tensors, densities, gammas, k_rule)
     else:
         thresholds = torch.zeros((len(tensors), 2), dtype=torch.int64, device=device)
+    combination = (weights, SIGN_SOURCES[sign_source], CONSENSUS[preset.consensus], DIVISORS[divisor],
+                   preset.normalize, lambda_, out_dtype)
     scales = prepared.get("scales")
+    if scales is None and preset.rescale == "l1":
+        return ops.fused_merge_l1(base, tensors, sparsifier, thresholds, densities, seed, *combination)
     if scales is None:
-        scales = _scales(ops, base, tensors, preset.rescale, sparsifier, thresholds, densities, seed, device)
-    return ops.fused_merge(base, tensors, sparsifier, thresholds, densities, seed, scales, weights,
-                           SIGN_SOURCES[sign_source], CONSENSUS[preset.consensus], DIVISORS[divisor],
-                           preset.normalize, lambda_, out_dtype)
+        scales = _scales(len(tensors), preset.rescale, densities, device)
+    return ops.fused_merge(base, tensors, sparsifier, thresholds, densities, seed, scales, *combination)
 
 
 def _della_rows(t: torch.Tensor) -> torch.Tensor:
@@ -318,7 +310,7 @@ def _run_della(ops, base, tensors, preset: Preset, weights, densities, epsilons,
     rows_base = _della_rows(base) if base is not None else None
     rows = [_della_rows(t) for t in tensors]
     if preset.rescale == "l1":
-        scales = _l1_ratio(ops.della_l1_norms(rows_base, rows, densities, epsilons, seed))
+        scales = l1_ratio(ops.della_l1_norms(rows_base, rows, densities, epsilons, seed))
     else:
         scales = torch.ones(len(tensors), dtype=torch.float32, device=tensors[0].device)
     out = ops.della_merge(rows_base, rows, densities, epsilons, seed, preset.rescale == "inverse", scales, weights,

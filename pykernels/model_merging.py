@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from . import _backend, _ops
-from .merging import GAMMA_DEFAULT, METHODS, _check_densities, _l1_ratio, _per_model, _topk_counts, merge
-from .reference.merging import band_counts
+from .merging import GAMMA_DEFAULT, METHODS, _check_densities, _per_model, _topk_counts, merge
+from .reference.merging import band_counts, l1_ratio
 from .reference.selection import KEEP_NONE, ORDER_NAN_KEY
 from .selection import StreamingThreshold
 
@@ -113,7 +113,7 @@ def _global_l1_scales(base: Mapping, models: Sequence[Mapping], names: list[str]
         ops = _ops.primitives(_backend.resolve(backend, b.device))
         thresholds = torch.zeros(len(models), 2, dtype=torch.int64)
         totals += ops.delta_l1_norms(b, [m[name] for m in models], 2, thresholds, densities, seed).cpu()
-    return _l1_ratio(totals)
+    return l1_ratio(totals)
 
 
 def merge_model(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],

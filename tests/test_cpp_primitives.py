@@ -96,6 +96,17 @@ def assert_merge(base, tensors, *args):
     return got
 
 
+def assert_merge_l1(base, tensors, sparsifier, thresholds, keep_probs, seed, *combination):
+    """fused_merge_l1 is fused_merge with the l1 scales of delta_l1_norms, bit for bit (the random masks drawn
+    once and reused must be the ones a second draw gives), and matches the reference's composite."""
+    got = ops.fused_merge_l1(base, tensors, sparsifier, thresholds, keep_probs, seed, *combination)
+    scales = ref.l1_ratio(ops.delta_l1_norms(base, tensors, sparsifier, thresholds, keep_probs, seed))
+    two_calls = ops.fused_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales, *combination)
+    assert torch.equal(got.view(-1).view(torch.uint8), two_calls.view(-1).view(torch.uint8))
+    want = ref.fused_merge_l1(base, tensors, sparsifier, thresholds, keep_probs, seed, *combination)
+    torch.testing.assert_close(got, want, equal_nan=True, **MERGE_TOL[combination[-1]])
+
+
 def merge_args(n, sparsifier, thresholds, *, sign_source=0, consensus=1, divisor=0, normalize=True, lambda_=1.0,
                out_dtype=torch.float32, seed=1234, keep_probs=None):
     keep_probs = keep_probs if keep_probs is not None else [0.3 + 0.6 * i / max(n, 1) for i in range(n)]
@@ -135,6 +146,9 @@ def check_everything(base, tensors, seed=0):
                                             normalize=False, lambda_=0.5, keep_probs=keep_probs))  # dare_linear
     assert_merge(base, tensors, *merge_args(n, 3, band, consensus=0, normalize=False))  # breadcrumbs
     assert_merge(base, tensors, *merge_args(n, 3, band, normalize=False, out_dtype=out_dtype))  # breadcrumbs_ties
+    combination = merge_args(n, 0, None, normalize=False, out_dtype=out_dtype)[5:]
+    assert_merge_l1(base, tensors, 2, torch.zeros(n, 2, dtype=torch.int64), keep_probs, seed, *combination)  # dare_ties
+    assert_merge_l1(base, tensors, 1, thresholds, keep_probs, seed, *combination)  # ties with the l1 rescale
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,6 +397,29 @@ def test_random_masks_exact():
                           [1.0, 2.0], 0, 0, 0, False, 1.0, torch.float32)
     want = ref.random_keep(numel, probs[0], 99, 0).float() + 2 * ref.random_keep(numel, probs[1], 99, 1).float()
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("op", ["norms", "merge", "merge_l1"])
+def test_random_keep_at_the_probability_boundary(op):
+    """Keep is u < p, decided in the kernels as an integer compare against the first integer whose uniform
+    reaches p: with p equal to drawn uniforms (and one float either side) every kernel keeps exactly the
+    reference's elements. 20_001 elements: full 32-draw groups and a scalar tail."""
+    numel, seed = 20_001, 7
+    u = ref.philox_uniform(ref.model_seed(seed, 0), torch.arange(numel))
+    for p0 in (u[5].item(), u[19_999].item(), 2**-31, 1.0 - 2**-24, 0.0):
+        for p in (p0, torch.nextafter(torch.tensor(p0), torch.tensor(0.0)).item(),
+                  torch.nextafter(torch.tensor(p0), torch.tensor(1.0)).item()):
+            want = (u < torch.tensor(p, dtype=torch.float32)).float()
+            x, none = [torch.ones(numel)], torch.zeros(1, 2, dtype=torch.int64)
+            if op == "norms":
+                got = ops.delta_l1_norms(None, x, 2, none, [p], seed)[0].tolist()
+                assert got == [float(numel), want.sum().item()], p
+                continue
+            tail = ([1.0], 0, 0, 0, False, 1.0, torch.float32)
+            got = (ops.fused_merge(None, x, 2, none, [p], seed, torch.ones(1), *tail) if op == "merge" else
+                   ops.fused_merge_l1(None, x, 2, none, [p], seed, *tail))
+            scale = ref.l1_ratio(torch.tensor([[float(numel), want.sum().item()]], dtype=torch.float64))
+            assert torch.equal(got, want * (scale if op == "merge_l1" else 1.0)), p
 
 
 # ---------------------------------------------------------------------------------------------------------------

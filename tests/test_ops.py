@@ -23,6 +23,8 @@ def primitive_calls(backend):
         (ops.delta_l1_norms, (base, tensors, 2, thresholds, [0.3, 0.6, 1.0], 5)),
         (ops.fused_merge, merge_args),
         (ops.fused_merge, (None,) + merge_args[1:]),
+        (ops.fused_merge_l1, (base, tensors, 2, thresholds, [0.3, 0.6, 1.0], 5) + merge_args[7:]),
+        (ops.fused_merge_l1, (None, tensors, 1, thresholds, [], 0) + merge_args[7:]),
     ]
 
 

@@ -315,6 +315,17 @@ def test_merge_shapes_dtypes(shape, dt):
         _check_merge(base, tensors, sparsifier, 1, consensus, 1, False, 0.5, torch.float32)
 
 
+@pytest.mark.parametrize("sparsifier", [1, 2])
+def test_merge_l1_matches_reference(sparsifier):
+    """The Triton fused_merge_l1 (norm kernel, l1 ratio, merge kernel) equals the reference composite."""
+    from pykernels import _ops
+
+    base, tensors = make_inputs((33, 17), DTYPES["mixed"], 3, True, seed=5 + sparsifier)
+    thr, probs, seed, _, weights = _merge_args(base, tensors, sparsifier)
+    args = (base, tensors, sparsifier, thr, probs, seed, weights, 0, 1, 0, True, 0.8, torch.bfloat16)
+    assert_same(_ops.primitives("triton").fused_merge_l1(*args), ref.fused_merge_l1(*args))
+
+
 def test_merge_multi_block(small_blocks):
     base, tensors = make_inputs((64, 11), DTYPES["mixed"], 3, True, seed=8, ties=True)
     for sparsifier, consensus in [(1, 1), (2, 2), (0, 0), (3, 1), (3, 0)]:

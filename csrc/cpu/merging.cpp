@@ -63,8 +63,10 @@ struct KeepRule {
   int64_t cutoff = -1;
   uint32_t key_b = 0;  // kBand: keep above (key, cutoff) and not above (key_b, cutoff_b)
   int64_t cutoff_b = -1;
-  uint64_t seed = 0;  // kRandom: keep philox_uniform(seed, j) < p
+  uint64_t seed = 0;  // kRandom: keep philox_uniform(seed, j) < p, i.e. x_j < limit (philox_keep_limit)
   float p = 1.f;
+  uint32_t limit = 0;
+  const uint16_t* bits = nullptr;  // kRandom: the keep decisions drawn already, packed (pack_keep)
 };
 
 // One (key, cutoff) of keep_by_threshold as the set it selects: mkey lies in [0, 2^31), so a negative key
@@ -134,6 +136,7 @@ std::vector<KeepRule> keep_rules(int n, int64_t sparsifier, const at::Tensor& th
       rules[m].kind = KeepRule::kRandom;
       rules[m].seed = model_seed(static_cast<uint64_t>(seed), m);
       rules[m].p = static_cast<float>(keep_probs[m]);
+      rules[m].limit = philox_keep_limit(rules[m].p);
     }
   }
   return rules;
@@ -161,21 +164,20 @@ inline int32_t chunk_last(int64_t cutoff, int64_t start, int64_t len) {
   return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(cutoff - start, -1), len));
 }
 
-// Model m's keep decision for the elements of one chunk; `uniforms` holds the chunk's Philox draws (kRandom).
+// Model m's keep decision for the elements of one chunk; `drawn` holds the chunk's random decisions (kRandom).
 template <int kKind>
 struct KeepTest {
-  KeepTest(const KeepRule& rule, int64_t start, int64_t len, const float* uniforms)
+  KeepTest(const KeepRule& rule, int64_t start, int64_t len, const uint8_t* drawn)
       : key(rule.key),
         last(chunk_last(rule.cutoff, start, len)),
         key_b(rule.key_b),
         last_b(chunk_last(rule.cutoff_b, start, len)),
-        p(rule.p),
-        u(uniforms) {}
+        kept(drawn) {}
 
   bool operator()(float d, int32_t i) const {
     if (kKind == KeepRule::kAll) return true;
     if (kKind == KeepRule::kNone) return false;
-    if (kKind == KeepRule::kRandom) return u[i] < p;
+    if (kKind == KeepRule::kRandom) return kept[i] != 0;
     const uint32_t k = mkey(d);
     if (kKind == KeepRule::kBand) {
       // above(key, last) <=> k >= key + (i > last) (no overflow: key < 2^31), so the band is
@@ -191,14 +193,42 @@ struct KeepTest {
   int32_t last;
   uint32_t key_b;  // kBand only
   int32_t last_b;
-  float p;
-  const float* u;
+  const uint8_t* kept;
 };
 
-// The chunk's uniforms for a kRandom rule (into `scratch`), else nullptr.
-const float* draw_uniforms(const KeepRule& rule, int64_t start, int64_t len, float* scratch) {
+// Keep decisions packed 16 to a word: bit i % 16 of bits[i / 16] is keep[i]. Chunks start at multiples of 16.
+void pack_keep(const uint8_t* __restrict keep, int64_t len, uint16_t* __restrict bits) {
+  int64_t i = 0;
+#if defined(PK_AVX512)
+  for (; i + 16 <= len; i += 16) {
+    bits[i / 16] = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + i)), _mm_set1_epi8(1));
+  }
+#endif
+  for (; i < len; i += 16) {
+    uint16_t word = 0;
+    for (int64_t b = 0; b < 16 && i + b < len; ++b) word |= static_cast<uint16_t>((keep[i + b] & 1) << b);
+    bits[i / 16] = word;
+  }
+}
+
+void unpack_keep(const uint16_t* __restrict bits, int64_t len, uint8_t* __restrict keep) {
+  int64_t i = 0;
+#if defined(PK_AVX512)
+  for (; i + 16 <= len; i += 16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + i), _mm_maskz_mov_epi8(bits[i / 16], _mm_set1_epi8(1)));
+  }
+#endif
+  for (; i < len; ++i) keep[i] = (bits[i / 16] >> (i % 16)) & 1;
+}
+
+// The chunk's keep decisions of a kRandom rule (into `scratch`), else nullptr.
+const uint8_t* draw_keep(const KeepRule& rule, int64_t start, int64_t len, uint8_t* scratch) {
   if (rule.kind != KeepRule::kRandom) return nullptr;
-  philox_uniform_fill(rule.seed, start, len, scratch);
+  if (rule.bits != nullptr) {
+    unpack_keep(rule.bits + start / 16, len, scratch);
+  } else {
+    philox_keep_fill(rule.seed, rule.limit, rule.p, start, len, scratch);
+  }
   return scratch;
 }
 
@@ -267,43 +297,51 @@ void l1_chunk(const float* __restrict d, const uint8_t* __restrict keep, int64_t
 
 namespace {
 
-at::Tensor delta_l1_norms(const c10::optional<at::Tensor>& base, at::TensorList tensors, int64_t sparsifier,
-                          const at::Tensor& thresholds, at::ArrayRef<double> keep_probs, int64_t seed) {
-  const char* op = "pykernels::delta_l1_norms";
-  const DeltaInputs in = make_delta_inputs(base, tensors, op);
-  const std::vector<KeepRule> rules = keep_rules(in.n(), sparsifier, thresholds, keep_probs, seed, op);
+// (sum |d_m|, sum |kept d_m|) of every model: n x 2 float64, row-major. A non-null record[m] also receives model
+// m's keep decisions, packed (pack_keep), so that a later pass can reuse them instead of drawing them again.
+std::vector<double> l1_norms(const DeltaInputs& in, const std::vector<KeepRule>& rules, uint16_t* const* record) {
   const int n = in.n();
   const int64_t blocks = (in.numel + kBlock - 1) / kBlock;
   // Partial sums per fixed block, added in block order afterwards: identical for any thread count.
   std::vector<double> partial(static_cast<size_t>(blocks) * n * 2, 0.0);
   parallel_blocks(in.numel, [&](int64_t first, int64_t end) {
-    ChunkBuffers buf(4);  // base, model, d, uniforms
+    ChunkBuffers buf(4);  // base, model, d, drawn keep decisions
     std::vector<uint8_t> keep(kChunk);
+    uint8_t* drawn_scratch = reinterpret_cast<uint8_t*>(buf[3]);
     for (int64_t block = first; block < end; ++block) {
       double* sums = partial.data() + block * n * 2;
       for_chunks_of_block(in.numel, block, [&](int64_t start, int64_t len) {
         const float* b = in.load_base(start, len, buf[0]);
         for (int m = 0; m < n; ++m) {
           const float* x = in.models[m].load(start, len, buf[1]);
-          const float* u = draw_uniforms(rules[m], start, len, buf[3]);
+          const uint8_t* drawn = draw_keep(rules[m], start, len, drawn_scratch);
           with_bool(b != nullptr, [&](auto has_base) {
             with_keep_kind(rules[m].kind, [&](auto kind) {
-              const KeepTest<decltype(kind)::value> keep_of(rules[m], start, len, u);
+              const KeepTest<decltype(kind)::value> keep_of(rules[m], start, len, drawn);
               delta_and_keep<decltype(has_base)::value>(x, b, keep_of, static_cast<int32_t>(len), buf[2],
                                                         keep.data());
             });
           });
           l1_chunk(buf[2], keep.data(), len, sums[2 * m], sums[2 * m + 1]);
+          if (record != nullptr && record[m] != nullptr) pack_keep(keep.data(), len, record[m] + start / 16);
         }
       });
     }
   });
-  at::Tensor out = at::zeros({n, 2}, at::kDouble);
-  double* rows = out.data_ptr<double>();
+  std::vector<double> rows(static_cast<size_t>(n) * 2, 0.0);
   for (int64_t block = 0; block < blocks; ++block) {
     for (int i = 0; i < 2 * n; ++i) rows[i] += partial[block * n * 2 + i];
   }
-  return out;
+  return rows;
+}
+
+at::Tensor delta_l1_norms(const c10::optional<at::Tensor>& base, at::TensorList tensors, int64_t sparsifier,
+                          const at::Tensor& thresholds, at::ArrayRef<double> keep_probs, int64_t seed) {
+  const char* op = "pykernels::delta_l1_norms";
+  const DeltaInputs in = make_delta_inputs(base, tensors, op);
+  const std::vector<double> rows =
+      l1_norms(in, keep_rules(in.n(), sparsifier, thresholds, keep_probs, seed, op), nullptr);
+  return at::tensor(rows, at::kDouble).reshape({in.n(), 2});
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -321,7 +359,8 @@ struct MergeScratch {
   explicit MergeScratch(int n) : floats(6 + 2 * n), bad(kChunk) {}
   float* base() const { return floats[0]; }
   float* x() const { return floats[1]; }
-  float* uniforms() const { return floats[2]; }
+  float* spare() const { return floats[2]; }  // the drawn keep decisions (bytes), later the poison pass's loads
+  uint8_t* drawn() const { return reinterpret_cast<uint8_t*>(floats[2]); }
   float* acc() const { return floats[3]; }  // mixed (no consensus) or the election total
   float* mixed() const { return floats[4]; }
   float* divisor() const { return floats[5]; }
@@ -419,7 +458,7 @@ bool accumulate_models(const MergePlan& plan, int64_t start, int64_t len, const 
   const int accumulate = p.consensus == kNoConsensus ? kMixAll : p.consensus == kSum ? kSumSigns : kCountSigns;
   for (int m = 0; m < p.n; ++m) {
     const float* x = in.models[m].load(start, len, s.x());
-    const float* u = draw_uniforms(plan.rules[m], start, len, s.uniforms());
+    const uint8_t* u = draw_keep(plan.rules[m], start, len, s.drawn());
     with_bool(b != nullptr, [&](auto has_base) {
       with_keep_kind(plan.rules[m].kind, [&](auto kind) {
         const KeepTest<decltype(kind)::value> keep_of(plan.rules[m], start, len, u);
@@ -503,8 +542,51 @@ void merge_chunk(const MergePlan& plan, int64_t start, int64_t len, MergeScratch
   // fp32 output is written in place; other dtypes go through a buffer and a conversion.
   float* out = out_fp32 != nullptr ? out_fp32 + start : s.x();
   finish(plan.p, mixed, s.divisor(), b, len, out);
-  if (nonfinite_input) poison_nonfinite(*plan.in, start, len, b, s.uniforms(), s.bad.data(), out);
+  if (nonfinite_input) poison_nonfinite(*plan.in, start, len, b, s.spare(), s.bad.data(), out);
   if (out_fp32 == nullptr) sink.store(start, len, out);
+}
+
+// The merge parameters of fused_merge / fused_merge_l1, checked; `scales` and `weights` must outlive the result.
+MergeParams merge_params(const DeltaInputs& in, const float* scales, const std::vector<float>& weights,
+                         int64_t sign_source, int64_t consensus, int64_t divisor, bool normalize, double lambda,
+                         const char* op) {
+  const int n = in.n();
+  TORCH_CHECK(static_cast<int>(weights.size()) == n, op, ": weights must have ", n, " entries (got ",
+              weights.size(), ")");
+  TORCH_CHECK(sign_source == 0 || sign_source == 1, op, ": sign_source must be 0 or 1 (got ", sign_source, ")");
+  TORCH_CHECK(consensus >= 0 && consensus <= 2, op, ": consensus must be 0, 1 or 2 (got ", consensus, ")");
+  TORCH_CHECK(divisor == 0 || divisor == 1, op, ": divisor must be 0 or 1 (got ", divisor, ")");
+  MergeParams p;
+  p.n = n;
+  p.weights = weights.data();
+  p.scales = scales;
+  p.sign_source = static_cast<int>(sign_source);
+  p.consensus = static_cast<int>(consensus);
+  p.divisor = static_cast<int>(divisor);
+  p.normalize = normalize;
+  p.lambda = static_cast<float>(lambda);
+  p.static_divisor = static_divisor(n, p.weights, p.divisor);
+  p.has_base = in.has_base;
+  return p;
+}
+
+// The merge pass over every chunk, into a new tensor shaped like `like`.
+at::Tensor merge_all(const MergePlan& plan, const at::Tensor& like, at::ScalarType out_dtype) {
+  const bool direct = is_supported_float(out_dtype);
+  at::Tensor out = at::empty(like.sizes(), like.options().dtype(direct ? out_dtype : at::kFloat));
+  advise_huge_pages(out);
+  const Sink sink(out);
+  float* out_fp32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
+  const int64_t numel = plan.in->numel;
+  parallel_blocks(numel, [&](int64_t first, int64_t end) {
+    MergeScratch scratch(plan.p.n);
+    for (int64_t block = first; block < end; ++block) {
+      for_chunks_of_block(numel, block, [&](int64_t start, int64_t len) {
+        merge_chunk(plan, start, len, scratch, sink, out_fp32);
+      });
+    }
+  });
+  return direct ? out : out.to(out_dtype);
 }
 
 at::Tensor fused_merge(const c10::optional<at::Tensor>& base, at::TensorList tensors, int64_t sparsifier,
@@ -514,42 +596,51 @@ at::Tensor fused_merge(const c10::optional<at::Tensor>& base, at::TensorList ten
   const char* op = "pykernels::fused_merge";
   const DeltaInputs in = make_delta_inputs(base, tensors, op);
   const int n = in.n();
-  MergePlan plan{&in, keep_rules(n, sparsifier, thresholds, keep_probs, seed, op), MergeParams{}};
+  std::vector<KeepRule> rules = keep_rules(n, sparsifier, thresholds, keep_probs, seed, op);
   TORCH_CHECK(scales.numel() == n, op, ": scales must have ", n, " entries (got ", scales.numel(), ")");
-  TORCH_CHECK(static_cast<int>(weights.size()) == n, op, ": weights must have ", n, " entries (got ",
-              weights.size(), ")");
-  TORCH_CHECK(sign_source == 0 || sign_source == 1, op, ": sign_source must be 0 or 1 (got ", sign_source, ")");
-  TORCH_CHECK(consensus >= 0 && consensus <= 2, op, ": consensus must be 0, 1 or 2 (got ", consensus, ")");
-  TORCH_CHECK(divisor == 0 || divisor == 1, op, ": divisor must be 0 or 1 (got ", divisor, ")");
-
   const at::Tensor scale_values = scales.to(at::kCPU, at::kFloat).contiguous();
-  std::vector<float> weight_values(weights.begin(), weights.end());  // float32(w), as the reference
-  MergeParams& p = plan.p;
-  p.n = n;
-  p.weights = weight_values.data();
-  p.scales = scale_values.data_ptr<float>();
-  p.sign_source = static_cast<int>(sign_source);
-  p.consensus = static_cast<int>(consensus);
-  p.divisor = static_cast<int>(divisor);
-  p.normalize = normalize;
-  p.lambda = static_cast<float>(lambda);
-  p.static_divisor = static_divisor(n, p.weights, p.divisor);
-  p.has_base = in.has_base;
+  const std::vector<float> weight_values(weights.begin(), weights.end());  // float32(w), as the reference
+  const MergePlan plan{&in, std::move(rules),
+                       merge_params(in, scale_values.data_ptr<float>(), weight_values, sign_source, consensus,
+                                    divisor, normalize, lambda, op)};
+  return merge_all(plan, tensors[0], out_dtype);
+}
 
-  const bool direct = is_supported_float(out_dtype);
-  at::Tensor out = at::empty(tensors[0].sizes(), tensors[0].options().dtype(direct ? out_dtype : at::kFloat));
-  advise_huge_pages(out);
-  const Sink sink(out);
-  float* out_fp32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
-  parallel_blocks(in.numel, [&](int64_t first, int64_t end) {
-    MergeScratch scratch(n);
-    for (int64_t block = first; block < end; ++block) {
-      for_chunks_of_block(in.numel, block, [&](int64_t start, int64_t len) {
-        merge_chunk(plan, start, len, scratch, sink, out_fp32);
-      });
-    }
-  });
-  return direct ? out : out.to(out_dtype);
+// merging._l1_ratio: sum|d| / sum|kept d| in float64, rounded to float32; 1 when either sum is below 1e-7.
+float l1_scale(double all, double kept) {
+  return (all < 1e-7 || kept < 1e-7) ? 1.f : static_cast<float>(all / kept);
+}
+
+// fused_merge with scales = the l1 ratios of delta_l1_norms, in two passes over the data. Random keep decisions
+// are drawn once, in the norm pass, and kept packed (numel / 8 bytes per random model) for the merge pass: the
+// Philox draws cost more than everything else both passes do.
+at::Tensor fused_merge_l1(const c10::optional<at::Tensor>& base, at::TensorList tensors, int64_t sparsifier,
+                          const at::Tensor& thresholds, at::ArrayRef<double> keep_probs, int64_t seed,
+                          at::ArrayRef<double> weights, int64_t sign_source, int64_t consensus, int64_t divisor,
+                          bool normalize, double lambda, at::ScalarType out_dtype) {
+  const char* op = "pykernels::fused_merge_l1";
+  const DeltaInputs in = make_delta_inputs(base, tensors, op);
+  const int n = in.n();
+  std::vector<KeepRule> rules = keep_rules(n, sparsifier, thresholds, keep_probs, seed, op);
+  const int64_t words = (in.numel + 15) / 16;
+  std::vector<std::unique_ptr<uint16_t[]>> packed(n);
+  std::vector<uint16_t*> record(n, nullptr);
+  for (int m = 0; m < n; ++m) {
+    if (rules[m].kind != KeepRule::kRandom) continue;
+    packed[m].reset(new uint16_t[words]);
+    record[m] = packed[m].get();
+  }
+  const std::vector<double> norms = l1_norms(in, rules, record.data());
+  std::vector<float> scales(n);
+  for (int m = 0; m < n; ++m) {
+    scales[m] = l1_scale(norms[2 * m], norms[2 * m + 1]);
+    rules[m].bits = record[m];
+  }
+  const std::vector<float> weight_values(weights.begin(), weights.end());
+  const MergePlan plan{&in, std::move(rules),
+                       merge_params(in, scales.data(), weight_values, sign_source, consensus, divisor, normalize,
+                                    lambda, op)};
+  return merge_all(plan, tensors[0], out_dtype);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -672,6 +763,7 @@ TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
   m.impl("delta_topk_thresholds", &delta_topk_thresholds);
   m.impl("delta_l1_norms", &delta_l1_norms);
   m.impl("fused_merge", &fused_merge);
+  m.impl("fused_merge_l1", &fused_merge_l1);
 }
 
 // philox_uniform has no tensor argument, so the dispatcher cannot select a backend key for it: it reaches only a

@@ -142,6 +142,22 @@ def fused_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales,
     return combine(base, tensors, sparsified, weights, sign_source, consensus, divisor, normalize, lambda_, out_dtype)
 
 
+def l1_ratio(norms: torch.Tensor) -> torch.Tensor:
+    """float32 (N,) scales of the kept values from delta_l1_norms rows (sum |d|, sum |kept d|): their ratio in
+    float64, rounded; 1 where either sum is below 1e-7 (mergekit skips the rescale there). NaN propagates."""
+    before, after = norms[:, 0], norms[:, 1]
+    skip = (before < 1e-7) | (after < 1e-7)
+    return torch.where(skip, torch.ones_like(before), before / after).to(torch.float32)
+
+
+def fused_merge_l1(base, tensors, sparsifier, thresholds, keep_probs, seed, weights, sign_source, consensus,
+                   divisor, normalize, lambda_, out_dtype) -> torch.Tensor:
+    """fused_merge with the l1 rescale: scales = l1_ratio(delta_l1_norms(...)) of the same keep masks."""
+    scales = l1_ratio(delta_l1_norms(base, tensors, sparsifier, thresholds, keep_probs, seed))
+    return fused_merge(base, tensors, sparsifier, thresholds, keep_probs, seed, scales, weights, sign_source,
+                       consensus, divisor, normalize, lambda_, out_dtype)
+
+
 def combine(base, tensors, sparsified, weights, sign_source, consensus, divisor, normalize, lambda_,
             out_dtype) -> torch.Tensor:
     """The merge after sparsification, shared by every sparsifier: `sparsified` holds each model's s_i (flat
