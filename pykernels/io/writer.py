@@ -4,8 +4,9 @@
 gets a shard of its own), the way Hugging Face and mergekit shard: one shard is named `model.safetensors`,
 several `model-00001-of-0000N.safetensors` plus `model.safetensors.index.json`. `ShardedWriter(create=True)`
 writes every header and sizes every file; `write(name, tensor)` then puts the tensor's bytes at its offset
-with pwrite. The layout depends only on the tensor list and max_bytes, so any number of processes writing
-disjoint tensors into the same files produce the same bytes as one process writing them all.
+(O_DIRECT from staging buffers where the file system allows it, else pwrite). The layout depends only on the
+tensor list and max_bytes, so any number of processes writing disjoint tensors into the same files produce the
+same bytes as one process writing them all.
 """
 from __future__ import annotations
 
