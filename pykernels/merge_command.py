@@ -24,6 +24,7 @@ from summed histograms; global l1 norms are summed in tensor order), so the outp
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -1243,6 +1244,7 @@ def run(args) -> int:
         return _launch(args, log)
     previous = _install_signal_handlers()
     _return_freed_memory()
+    gc.freeze()  # torch's objects leave the collector's generations: each collection then walks only ours
     group = None
     try:
         if world > 1:

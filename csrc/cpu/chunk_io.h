@@ -13,8 +13,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -94,6 +97,52 @@ inline void advise_huge_pages(const at::Tensor& t) {
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
 }
+
+// Large buffers kept mapped between op calls. On a VM a fresh allocation is page-faulted (and its pages
+// zeroed) at about 1 GB/s, which costs as much as a merge pass: a merge over a model's tensors, one after
+// another, reuses one retained block instead. At most one block is kept: a request it cannot serve (too
+// small, or in use) gets a new allocation, and a released block replaces a smaller retained one.
+class RetainedBlock {
+ public:
+  // At least `bytes`, 64-byte aligned; give it back with release(ptr, capacity) (capacity set here).
+  void* take(size_t bytes, size_t& capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (block_ != nullptr && bytes_ >= bytes) {
+        capacity = bytes_;
+        return std::exchange(block_, nullptr);
+      }
+      if (block_ != nullptr) std::free(std::exchange(block_, nullptr));  // too small: don't keep both
+    }
+    capacity = (bytes + 63) & ~size_t(63);
+    void* p = std::aligned_alloc(64, capacity == 0 ? 64 : capacity);
+    TORCH_CHECK(p != nullptr, "pykernels: out of memory allocating ", capacity, " bytes");
+    return p;
+  }
+
+  void release(void* p, size_t capacity) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (block_ == nullptr || bytes_ < capacity) {
+      std::swap(block_, p);
+      bytes_ = capacity;
+    }
+    std::free(p);
+  }
+
+  // A new tensor over a retained block; its memory returns to the block when the tensor is freed.
+  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+    const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+    size_t capacity = 0;
+    void* p = take(bytes, capacity);
+    return at::from_blob(p, sizes, [this, capacity](void* q) { release(q, capacity); },
+                         at::TensorOptions().dtype(dtype));
+  }
+
+ private:
+  std::mutex mutex_;
+  void* block_ = nullptr;
+  size_t bytes_ = 0;
+};
 
 // A contiguous fp32/bf16/fp16 tensor read as float32 chunks.
 class Source {

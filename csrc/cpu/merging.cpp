@@ -250,52 +250,114 @@ void delta_and_keep(const float* __restrict x, const float* __restrict b, const 
 
 }  // namespace
 
-// (sum |d|, sum of kept |d|) of one chunk in float64, in a fixed order: 16 interleaved accumulators, lane l
-// summing elements i = l (mod 16) in index order, then the lanes added in order. The AVX-512 loop and the
-// scalar loop perform exactly the same additions. (Declared in chunk_io.h: della.cpp sums its rows with it.)
-void l1_chunk(const float* __restrict d, const uint8_t* __restrict keep, int64_t len, double& all, double& kept) {
-  constexpr int kLanes = 16;
-  alignas(64) double acc_all[kLanes] = {};
-  alignas(64) double acc_kept[kLanes] = {};
-  int64_t i = 0;
-#if defined(PK_AVX512)
-  __m512d all_lo = _mm512_setzero_pd(), all_hi = _mm512_setzero_pd();
-  __m512d kept_lo = _mm512_setzero_pd(), kept_hi = _mm512_setzero_pd();
-  for (; i + kLanes <= len; i += kLanes) {
-    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(d + i));
-    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
-    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    const __mmask16 k = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + i)),
-                                           _mm_set1_epi8(1));
-    all_lo = _mm512_add_pd(all_lo, lo);
-    all_hi = _mm512_add_pd(all_hi, hi);
-    kept_lo = _mm512_mask_add_pd(kept_lo, static_cast<__mmask8>(k), kept_lo, lo);
-    kept_hi = _mm512_mask_add_pd(kept_hi, static_cast<__mmask8>(k >> 8), kept_hi, hi);
-  }
-  _mm512_store_pd(acc_all, all_lo);
-  _mm512_store_pd(acc_all + 8, all_hi);
-  _mm512_store_pd(acc_kept, kept_lo);
-  _mm512_store_pd(acc_kept + 8, kept_hi);
-#endif
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const double a = std::fabs(static_cast<double>(d[i + l]));
-      acc_all[l] += a;
-      acc_kept[l] += keep[i + l] ? a : 0.0;
+namespace {
+
+// 16 float64 accumulator pairs: lane l sums |d[i]| (all) and the kept |d[i]| of the elements i = l (mod 16) of
+// a chunk in index order; fold() then adds the lanes in order. The AVX-512 and scalar loops perform exactly the
+// same additions.
+struct L1Lanes {
+  alignas(64) double all[16] = {};
+  alignas(64) double kept[16] = {};
+
+  void fold(double& all_sum, double& kept_sum) const {
+    for (int l = 0; l < 16; ++l) {
+      all_sum += all[l];
+      kept_sum += kept[l];
     }
   }
-  for (int l = 0; i < len; ++i, ++l) {
-    const double a = std::fabs(static_cast<double>(d[i]));
-    acc_all[l] += a;
-    acc_kept[l] += keep[i] ? a : 0.0;
+};
+
+#if defined(PK_AVX512)
+// The lanes of L1Lanes in registers.
+struct L1Registers {
+  explicit L1Registers(const L1Lanes& l)
+      : all_lo(_mm512_load_pd(l.all)), all_hi(_mm512_load_pd(l.all + 8)),
+        kept_lo(_mm512_load_pd(l.kept)), kept_hi(_mm512_load_pd(l.kept + 8)) {}
+
+  void add(__m512 d, __mmask16 keep) {
+    const __m512 a = _mm512_abs_ps(d);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    all_lo = _mm512_add_pd(all_lo, lo);
+    all_hi = _mm512_add_pd(all_hi, hi);
+    kept_lo = _mm512_mask_add_pd(kept_lo, static_cast<__mmask8>(keep), kept_lo, lo);
+    kept_hi = _mm512_mask_add_pd(kept_hi, static_cast<__mmask8>(keep >> 8), kept_hi, hi);
   }
-  for (int l = 0; l < kLanes; ++l) {
-    all += acc_all[l];
-    kept += acc_kept[l];
+
+  void store(L1Lanes& l) const {
+    _mm512_store_pd(l.all, all_lo);
+    _mm512_store_pd(l.all + 8, all_hi);
+    _mm512_store_pd(l.kept, kept_lo);
+    _mm512_store_pd(l.kept + 8, kept_hi);
+  }
+
+  __m512d all_lo, all_hi, kept_lo, kept_hi;
+};
+#endif
+
+// Adds d[i], i < len, to lane i % 16 (the first element must belong to lane 0).
+void add_l1_lanes(const float* __restrict d, const uint8_t* __restrict keep, int64_t len, L1Lanes& lanes) {
+  int64_t i = 0;
+#if defined(PK_AVX512)
+  L1Registers acc(lanes);
+  for (; i + 16 <= len; i += 16) {
+    acc.add(_mm512_loadu_ps(d + i),
+            _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + i)), _mm_set1_epi8(1)));
+  }
+  acc.store(lanes);
+#endif
+  for (; i < len; ++i) {
+    const double a = std::fabs(static_cast<double>(d[i]));
+    lanes.all[i % 16] += a;
+    lanes.kept[i % 16] += keep[i] ? a : 0.0;
   }
 }
 
+}  // namespace
+
+// (sum |d|, sum of kept |d|) of one chunk in float64, in the fixed order of L1Lanes. (Declared in chunk_io.h:
+// della.cpp sums its rows with it.)
+void l1_chunk(const float* __restrict d, const uint8_t* __restrict keep, int64_t len, double& all, double& kept) {
+  L1Lanes lanes;
+  add_l1_lanes(d, keep, len, lanes);
+  lanes.fold(all, kept);
+}
+
 namespace {
+
+// l1_chunk of a kRandom model whose decisions are not drawn yet, with d = x - b computed in registers and the
+// decisions drawn 32 at a time straight into masks (no keep or d arrays), packed into `bits` (if not null)
+// on the way. The same additions as l1_chunk. `start` is a multiple of 32, as every chunk's.
+template <bool kBase>
+void l1_random_chunk(const KeepRule& rule, const float* __restrict x, const float* __restrict b, int64_t start,
+                     int64_t len, L1Lanes& lanes, uint16_t* bits, float* __restrict d_rest,
+                     uint8_t* __restrict keep_rest) {
+  int64_t i = 0;
+#if defined(PK_AVX512)
+  const PhiloxKeys key(rule.seed);
+  const __m512i bound = _mm512_set1_epi32(static_cast<int32_t>(rule.limit));
+  L1Registers acc(lanes);
+  for (; i + 32 <= len && same_high_word(start + i); i += 32) {
+    __m512i draws[2];
+    philox_x32(key, start + i, draws);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = i + 16 * h;
+      const __mmask16 keep = _mm512_cmplt_epu32_mask(draws[h], bound);
+      const __m512 xv = _mm512_loadu_ps(x + j);
+      acc.add(kBase ? _mm512_sub_ps(xv, _mm512_loadu_ps(b + j)) : xv, keep);
+      if (bits != nullptr) bits[j / 16] = keep;
+    }
+  }
+  acc.store(lanes);
+#endif
+  const int64_t rest = len - i;  // i is a multiple of 16: lanes line up
+  for (int64_t j = 0; j < rest; ++j) {
+    d_rest[j] = kBase ? x[i + j] - b[i + j] : x[i + j];
+    keep_rest[j] = philox_uniform(rule.seed, start + i + j) < rule.p;
+  }
+  add_l1_lanes(d_rest, keep_rest, rest, lanes);
+  if (bits != nullptr) pack_keep(keep_rest, rest, bits + i / 16);
+}
 
 // (sum |d_m|, sum |kept d_m|) of every model: n x 2 float64, row-major. A non-null record[m] also receives model
 // m's keep decisions, packed (pack_keep), so that a later pass can reuse them instead of drawing them again.
@@ -314,16 +376,26 @@ std::vector<double> l1_norms(const DeltaInputs& in, const std::vector<KeepRule>&
         const float* b = in.load_base(start, len, buf[0]);
         for (int m = 0; m < n; ++m) {
           const float* x = in.models[m].load(start, len, buf[1]);
-          const uint8_t* drawn = draw_keep(rules[m], start, len, drawn_scratch);
-          with_bool(b != nullptr, [&](auto has_base) {
-            with_keep_kind(rules[m].kind, [&](auto kind) {
-              const KeepTest<decltype(kind)::value> keep_of(rules[m], start, len, drawn);
-              delta_and_keep<decltype(has_base)::value>(x, b, keep_of, static_cast<int32_t>(len), buf[2],
-                                                        keep.data());
+          uint16_t* bits = record != nullptr && record[m] != nullptr ? record[m] + start / 16 : nullptr;
+          L1Lanes lanes;
+          if (rules[m].kind == KeepRule::kRandom && rules[m].bits == nullptr) {
+            with_bool(b != nullptr, [&](auto has_base) {
+              l1_random_chunk<decltype(has_base)::value>(rules[m], x, b, start, len, lanes, bits, buf[2],
+                                                         keep.data());
             });
-          });
-          l1_chunk(buf[2], keep.data(), len, sums[2 * m], sums[2 * m + 1]);
-          if (record != nullptr && record[m] != nullptr) pack_keep(keep.data(), len, record[m] + start / 16);
+          } else {
+            const uint8_t* drawn = draw_keep(rules[m], start, len, drawn_scratch);
+            with_bool(b != nullptr, [&](auto has_base) {
+              with_keep_kind(rules[m].kind, [&](auto kind) {
+                const KeepTest<decltype(kind)::value> keep_of(rules[m], start, len, drawn);
+                delta_and_keep<decltype(has_base)::value>(x, b, keep_of, static_cast<int32_t>(len), buf[2],
+                                                          keep.data());
+              });
+            });
+            add_l1_lanes(buf[2], keep.data(), len, lanes);
+            if (bits != nullptr) pack_keep(keep.data(), len, bits);
+          }
+          lanes.fold(sums[2 * m], sums[2 * m + 1]);
         }
       });
     }
@@ -570,11 +642,14 @@ MergeParams merge_params(const DeltaInputs& in, const float* scales, const std::
   return p;
 }
 
+// The merge pass works on slices of a chunk: its dozen per-model and election buffers then stay in L1.
+constexpr int64_t kMergeSlice = 1024;
+
 // The merge pass over every chunk, into a new tensor shaped like `like`.
 at::Tensor merge_all(const MergePlan& plan, const at::Tensor& like, at::ScalarType out_dtype) {
+  static RetainedBlock& retained = *new RetainedBlock;  // never destroyed: outputs may outlive static destructors
   const bool direct = is_supported_float(out_dtype);
-  at::Tensor out = at::empty(like.sizes(), like.options().dtype(direct ? out_dtype : at::kFloat));
-  advise_huge_pages(out);
+  at::Tensor out = retained.empty(like.sizes(), direct ? out_dtype : at::kFloat);
   const Sink sink(out);
   float* out_fp32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
   const int64_t numel = plan.in->numel;
@@ -582,7 +657,9 @@ at::Tensor merge_all(const MergePlan& plan, const at::Tensor& like, at::ScalarTy
     MergeScratch scratch(plan.p.n);
     for (int64_t block = first; block < end; ++block) {
       for_chunks_of_block(numel, block, [&](int64_t start, int64_t len) {
-        merge_chunk(plan, start, len, scratch, sink, out_fp32);
+        for (int64_t done = 0; done < len; done += kMergeSlice) {
+          merge_chunk(plan, start + done, std::min(kMergeSlice, len - done), scratch, sink, out_fp32);
+        }
       });
     }
   });
@@ -622,13 +699,14 @@ at::Tensor fused_merge_l1(const c10::optional<at::Tensor>& base, at::TensorList 
   const DeltaInputs in = make_delta_inputs(base, tensors, op);
   const int n = in.n();
   std::vector<KeepRule> rules = keep_rules(n, sparsifier, thresholds, keep_probs, seed, op);
+  static RetainedBlock& retained = *new RetainedBlock;
   const int64_t words = (in.numel + 15) / 16;
-  std::vector<std::unique_ptr<uint16_t[]>> packed(n);
+  int random_models = 0;
+  for (const KeepRule& r : rules) random_models += r.kind == KeepRule::kRandom;
+  const at::Tensor packed = retained.empty({random_models, words}, at::kShort);
   std::vector<uint16_t*> record(n, nullptr);
-  for (int m = 0; m < n; ++m) {
-    if (rules[m].kind != KeepRule::kRandom) continue;
-    packed[m].reset(new uint16_t[words]);
-    record[m] = packed[m].get();
+  for (int m = 0, slot = 0; m < n; ++m) {
+    if (rules[m].kind == KeepRule::kRandom) record[m] = reinterpret_cast<uint16_t*>(packed[slot++].data_ptr());
   }
   const std::vector<double> norms = l1_norms(in, rules, record.data());
   std::vector<float> scales(n);
