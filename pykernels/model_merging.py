@@ -15,7 +15,7 @@ import torch
 
 from . import _backend, _ops
 from .merging import GAMMA_DEFAULT, METHODS, _check_densities, _per_model, _topk_counts, merge
-from .reference.merging import band_counts, l1_ratio
+from .reference.merging import band_counts, l1_ratio, tensor_seed
 from .reference.selection import KEEP_NONE, ORDER_NAN_KEY
 from .selection import StreamingThreshold
 
@@ -112,7 +112,8 @@ def _global_l1_scales(base: Mapping, models: Sequence[Mapping], names: list[str]
         b = base[name]
         ops = _ops.primitives(_backend.resolve(backend, b.device))
         thresholds = torch.zeros(len(models), 2, dtype=torch.int64)
-        totals += ops.delta_l1_norms(b, [m[name] for m in models], 2, thresholds, densities, seed).cpu()
+        totals += ops.delta_l1_norms(b, [m[name] for m in models], 2, thresholds, densities,
+                                     tensor_seed(seed, name)).cpu()
     return l1_ratio(totals)
 
 
@@ -123,6 +124,8 @@ def merge_model(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, 
     """Merge every tensor of `base` with the same-named tensors of `models` (mappings: dicts, or lazy
     loaders such as a safetensors handle wrapped in a Mapping). Extra keyword arguments go to `merge`.
 
+    seed: random masks (DARE, DELLA) of the tensor called `name` use tensor_seed(seed, name), as `pykernels merge`
+    does, so that tensors of the same shape get independent masks.
     global_density: one model-wide threshold per model (ties, breadcrumbs, breadcrumbs_ties; for dare_ties and
     dare_linear the l1 rescale uses whole-model norms). on_tensor(name, merged): called for each merged tensor
     (e.g. to write it out); then the result dict stays empty, so memory holds one tensor at a time.
@@ -158,7 +161,7 @@ def merge_model(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, 
             prepared["thresholds"] = selection.for_tensor(i, b, tensors).to(b.device)
         if scales is not None:
             prepared["scales"] = scales.to(b.device)
-        out = merge(b, tensors, method, _prepared=prepared or None, **merge_kwargs)
+        out = merge(b, tensors, method, _prepared=prepared or None, **dict(merge_kwargs, seed=tensor_seed(seed, name)))
         if on_tensor is not None:
             on_tensor(name, out)
         else:

@@ -7,6 +7,7 @@ import torch
 import pykernels as pk
 import pykernels.merging as merging
 from conftest import backend_params, make_models
+from pykernels.reference.merging import tensor_seed
 
 
 # --- DELLA ----------------------------------------------------------------------------------------------------
@@ -127,12 +128,25 @@ def test_global_dare_rescales_by_whole_model_norms():
     base, models = _toy_model(1)
     out = pk.merge_model(base, models, "dare_linear", densities=0.4, seed=3, global_density=True)
     norms = sum(pk._ops.primitives("reference").delta_l1_norms(
-        base[k], [m[k] for m in models], 2, torch.zeros(3, 2, dtype=torch.int64), [0.4] * 3, 3) for k in base)
+        base[k], [m[k] for m in models], 2, torch.zeros(3, 2, dtype=torch.int64), [0.4] * 3, tensor_seed(3, k))
+        for k in base)
     scales = (norms[:, 0] / norms[:, 1]).float()
     for k in base:
-        want = pk.merge(base[k], [m[k] for m in models], "dare_linear", densities=0.4, seed=3, rescale="none",
-                        weights=scales.tolist())
+        want = pk.merge(base[k], [m[k] for m in models], "dare_linear", densities=0.4, seed=tensor_seed(3, k),
+                        rescale="none", weights=scales.tolist())
         torch.testing.assert_close(out[k], want, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_model_seeds_each_tensor_by_name():
+    """Same-shaped tensors get independent DARE masks: tensor `name` is merged with tensor_seed(seed, name)."""
+    base, models = _toy_model(1)
+    base = {"a": base[next(iter(base))], "b": base[next(iter(base))].clone()}
+    models = [{"a": m[next(iter(m))], "b": m[next(iter(m))].clone()} for m in models]
+    out = pk.merge_model(base, models, "dare_ties", densities=0.5, seed=11)
+    for k in base:
+        want = pk.merge(base[k], [m[k] for m in models], "dare_ties", densities=0.5, seed=tensor_seed(11, k))
+        assert torch.equal(out[k], want)
+    assert not torch.equal(out["a"], out["b"])
 
 
 def test_merge_model_streams_through_on_tensor_and_checks_names():
