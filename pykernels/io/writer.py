@@ -104,7 +104,7 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 NO_DIRECT_ENV = "PYKERNELS_NO_DIRECT_IO"
 # Direct blocks are whole pages, so no page-cache page ever holds both direct and buffered bytes.
 _ALIGN = max(4096, mmap.PAGESIZE)
-_STAGE_BYTES = 8 << 20
+_STAGE_BYTES = 4 << 20  # 16 MiB in all: within the 10% memory headroom of the merge command
 _STAGES = 4
 
 
@@ -114,7 +114,7 @@ class ShardedWriter:
 
     Tensor bytes go to disk with O_DIRECT where the file system allows it: buffered writes into new page-cache
     pages cost about 2 s of kernel CPU per GB on our VMs, direct writes almost none. write() copies the bytes
-    into one of a few reused, page-aligned staging buffers (32 MiB in all) and returns; a background thread
+    into one of a few reused, page-aligned staging buffers (16 MiB in all) and returns; a background thread
     writes them. Only whole 4096-byte blocks inside the bytes this writer writes contiguously (its "run":
     consecutive writes that follow each other in one file) go direct; the partial blocks at a run's edges may
     share a block with the header, the end of the file or another process's tensors, so they go through the page
