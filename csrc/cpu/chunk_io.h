@@ -100,10 +100,13 @@ inline void advise_huge_pages(const at::Tensor& t) {
 
 // Large buffers kept mapped between op calls. On a VM a fresh allocation is page-faulted (and its pages
 // zeroed) at about 1 GB/s, which costs as much as a merge pass: a merge over a model's tensors, one after
-// another, reuses one retained block instead. At most one block is kept: a request it cannot serve (too
-// small, or in use) gets a new allocation, and a released block replaces a smaller retained one.
+// another, reuses one retained block instead. At most one block of at most kMaxRetainedBytes is kept (memory a
+// long-lived process never gets back must stay small): a request it cannot serve (too small, or in use) gets a
+// new allocation, and a released block replaces a smaller retained one.
 class RetainedBlock {
  public:
+  static constexpr size_t kMaxRetainedBytes = size_t(256) << 20;
+
   // At least `bytes`, 64-byte aligned; give it back with release(ptr, capacity) (capacity set here).
   void* take(size_t bytes, size_t& capacity) {
     {
@@ -122,7 +125,7 @@ class RetainedBlock {
 
   void release(void* p, size_t capacity) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (block_ == nullptr || bytes_ < capacity) {
+    if (capacity <= kMaxRetainedBytes && (block_ == nullptr || bytes_ < capacity)) {
       std::swap(block_, p);
       bytes_ = capacity;
     }
@@ -149,6 +152,15 @@ class Source {
  public:
   Source() = default;
   explicit Source(const at::Tensor& contiguous) : data_(contiguous.data_ptr()), dtype_(contiguous.scalar_type()) {}
+
+  // Asks for elements [start, start + n) to be brought into the cache. The merge reads N + 1 streams a slice at a
+  // time, bursts too short for the hardware prefetcher to ramp up on each; prefetching the next slice while
+  // merging this one keeps the loads from waiting on memory.
+  void prefetch(int64_t start, int64_t n) const {
+    const size_t size = dtype_ == at::kFloat ? 4 : 2;
+    const char* first = static_cast<const char*>(data_) + start * size;
+    for (size_t offset = 0; offset < n * size; offset += 64) __builtin_prefetch(first + offset);
+  }
 
   // float32 values of elements [start, start + n): the tensor's own memory when it is fp32, else `scratch`.
   const float* load(int64_t start, int64_t n, float* scratch) const {

@@ -150,5 +150,27 @@ inline void philox_keep_fill(uint64_t seed, uint32_t limit, float p, int64_t fir
   for (; i < n; ++i) keep[i] = philox_uniform(seed, first + i) < p;
 }
 
+// philox_keep_fill's decisions packed 16 to a word (bit i % 16 of words[i / 16]); `first` is a multiple of 16.
+inline void philox_keep_words(uint64_t seed, uint32_t limit, float p, int64_t first, int64_t n, uint16_t* words) {
+  int64_t i = 0;
+#if defined(PK_AVX512)
+  const PhiloxKeys key(seed);
+  const __m512i bound = _mm512_set1_epi32(static_cast<int32_t>(limit));
+  for (; i + 32 <= n && same_high_word(first + i); i += 32) {
+    __m512i x[2];
+    philox_x32(key, first + i, x);
+    words[i / 16] = _mm512_cmplt_epu32_mask(x[0], bound);
+    words[i / 16 + 1] = _mm512_cmplt_epu32_mask(x[1], bound);
+  }
+#endif
+  for (; i < n; i += 16) {
+    uint16_t word = 0;
+    for (int64_t b = 0; b < 16 && i + b < n; ++b) {
+      word |= static_cast<uint16_t>((philox_uniform(seed, first + i + b) < p) << b);
+    }
+    words[i / 16] = word;
+  }
+}
+
 }  // namespace cpu
 }  // namespace pykernels
