@@ -399,6 +399,22 @@ def test_random_masks_exact():
     assert torch.equal(out, want)
 
 
+def test_outputs_alive_together_are_independent():
+    """Merge outputs come from a block the kernels keep between calls: an output still referenced is never handed
+    out again, and a freed one is reused only once nothing refers to it."""
+    base, tensors = make_inputs((3000, 7), model_dtypes("bf16", 2), torch.bfloat16, seed=4)
+    args = merge_args(2, 0, torch.zeros(2, 2, dtype=torch.int64), out_dtype=torch.bfloat16)
+    first = ops.fused_merge(base, tensors, *args)
+    first_copy = first.clone()
+    second = ops.fused_merge(base, [t * 2 for t in tensors], *args)
+    assert first.data_ptr() != second.data_ptr()
+    assert torch.equal(first, first_copy) and torch.equal(first, ref.fused_merge(base, tensors, *args))
+    del first
+    third = ops.fused_merge(base, tensors, *args)
+    assert torch.equal(third, first_copy)
+    assert torch.equal(second, ref.fused_merge(base, [t * 2 for t in tensors], *args))
+
+
 @pytest.mark.parametrize("op", ["norms", "merge", "merge_l1"])
 def test_random_keep_at_the_probability_boundary(op):
     """Keep is u < p, decided in the kernels as an integer compare against the first integer whose uniform
