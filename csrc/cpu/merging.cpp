@@ -66,7 +66,7 @@ struct KeepRule {
   uint64_t seed = 0;  // kRandom: keep philox_uniform(seed, j) < p, i.e. x_j < limit (philox_keep_limit)
   float p = 1.f;
   uint32_t limit = 0;
-  const uint16_t* bits = nullptr;  // kRandom: the keep decisions drawn already, packed (pack_keep)
+  const uint16_t* bits = nullptr;  // kRandom: the keep decisions drawn already, packed (unpack_keep)
 };
 
 // One (key, cutoff) of keep_by_threshold as the set it selects: mkey lies in [0, 2^31), so a negative key
@@ -196,39 +196,30 @@ struct KeepTest {
   const uint8_t* kept;
 };
 
-// Keep decisions packed 16 to a word: bit i % 16 of bits[i / 16] is keep[i]. Chunks start at multiples of 16.
-void pack_keep(const uint8_t* __restrict keep, int64_t len, uint16_t* __restrict bits) {
+// Keep decisions packed 16 to a word: bit i % 16 of words[i / 16] is keep[i].
+void unpack_keep(const uint16_t* __restrict words, int64_t len, uint8_t* __restrict keep) {
   int64_t i = 0;
 #if defined(PK_AVX512)
   for (; i + 16 <= len; i += 16) {
-    bits[i / 16] = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + i)), _mm_set1_epi8(1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + i), _mm_maskz_mov_epi8(words[i / 16], _mm_set1_epi8(1)));
   }
 #endif
-  for (; i < len; i += 16) {
-    uint16_t word = 0;
-    for (int64_t b = 0; b < 16 && i + b < len; ++b) word |= static_cast<uint16_t>((keep[i + b] & 1) << b);
-    bits[i / 16] = word;
-  }
+  for (; i < len; ++i) keep[i] = (words[i / 16] >> (i % 16)) & 1;
 }
 
-void unpack_keep(const uint16_t* __restrict bits, int64_t len, uint8_t* __restrict keep) {
-  int64_t i = 0;
-#if defined(PK_AVX512)
-  for (; i + 16 <= len; i += 16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + i), _mm_maskz_mov_epi8(bits[i / 16], _mm_set1_epi8(1)));
-  }
-#endif
-  for (; i < len; ++i) keep[i] = (bits[i / 16] >> (i % 16)) & 1;
+// The packed decisions of a kRandom rule for [start, start + len): the ones drawn already, or drawn now into
+// `scratch`. `start` is a multiple of 16 (chunks and slices are).
+const uint16_t* keep_words(const KeepRule& rule, int64_t start, int64_t len, uint16_t* scratch) {
+  if (rule.bits != nullptr) return rule.bits + start / 16;
+  philox_keep_words(rule.seed, rule.limit, rule.p, start, len, scratch);
+  return scratch;
 }
 
-// The chunk's keep decisions of a kRandom rule (into `scratch`), else nullptr.
+// The chunk's keep decisions of a kRandom rule as bytes (into `scratch`), else nullptr.
 const uint8_t* draw_keep(const KeepRule& rule, int64_t start, int64_t len, uint8_t* scratch) {
   if (rule.kind != KeepRule::kRandom) return nullptr;
-  if (rule.bits != nullptr) {
-    unpack_keep(rule.bits + start / 16, len, scratch);
-  } else {
-    philox_keep_fill(rule.seed, rule.limit, rule.p, start, len, scratch);
-  }
+  uint16_t words[kChunk / 16];
+  unpack_keep(keep_words(rule, start, len, words), len, scratch);
   return scratch;
 }
 
@@ -330,7 +321,7 @@ void prefetch_inputs(const DeltaInputs& in, int64_t start, int64_t len) {
   for (const Source& m : in.models) m.prefetch(start, len);
 }
 
-// l1_chunk of a kRandom model whose decisions are not drawn yet, with d = x - b computed in registers and the
+// l1_chunk of a kRandom model, with d = x - b computed in registers and the
 // decisions drawn 32 at a time straight into masks (no keep or d arrays), packed into `bits` (if not null)
 // on the way. The same additions as l1_chunk. `start` is a multiple of 32, as every chunk's.
 template <bool kBase>
@@ -356,25 +347,25 @@ void l1_random_chunk(const KeepRule& rule, const float* __restrict x, const floa
   acc.store(lanes);
 #endif
   const int64_t rest = len - i;  // i is a multiple of 16: lanes line up
-  for (int64_t j = 0; j < rest; ++j) {
-    d_rest[j] = kBase ? x[i + j] - b[i + j] : x[i + j];
-    keep_rest[j] = philox_uniform(rule.seed, start + i + j) < rule.p;
-  }
+  uint16_t rest_words[kChunk / 16];
+  uint16_t* words = bits != nullptr ? bits + i / 16 : rest_words;
+  philox_keep_words(rule.seed, rule.limit, rule.p, start + i, rest, words);
+  unpack_keep(words, rest, keep_rest);
+  for (int64_t j = 0; j < rest; ++j) d_rest[j] = kBase ? x[i + j] - b[i + j] : x[i + j];
   add_l1_lanes(d_rest, keep_rest, rest, lanes);
-  if (bits != nullptr) pack_keep(keep_rest, rest, bits + i / 16);
 }
 
-// (sum |d_m|, sum |kept d_m|) of every model: n x 2 float64, row-major. A non-null record[m] also receives model
-// m's keep decisions, packed (pack_keep), so that a later pass can reuse them instead of drawing them again.
+// (sum |d_m|, sum |kept d_m|) of every model: n x 2 float64, row-major. For a kRandom model, a non-null
+// record[m] also receives its keep decisions, packed, so that a later pass can reuse them instead of drawing
+// them again.
 std::vector<double> l1_norms(const DeltaInputs& in, const std::vector<KeepRule>& rules, uint16_t* const* record) {
   const int n = in.n();
   const int64_t blocks = (in.numel + kBlock - 1) / kBlock;
   // Partial sums per fixed block, added in block order afterwards: identical for any thread count.
   std::vector<double> partial(static_cast<size_t>(blocks) * n * 2, 0.0);
   parallel_blocks(in.numel, [&](int64_t first, int64_t end) {
-    ChunkBuffers buf(4);  // base, model, d, drawn keep decisions
+    ChunkBuffers buf(3);  // base, model, d
     std::vector<uint8_t> keep(kChunk);
-    uint8_t* drawn_scratch = reinterpret_cast<uint8_t*>(buf[3]);
     for (int64_t block = first; block < end; ++block) {
       double* sums = partial.data() + block * n * 2;
       for_chunks_of_block(in.numel, block, [&](int64_t start, int64_t len) {
@@ -384,22 +375,20 @@ std::vector<double> l1_norms(const DeltaInputs& in, const std::vector<KeepRule>&
           const float* x = in.models[m].load(start, len, buf[1]);
           uint16_t* bits = record != nullptr && record[m] != nullptr ? record[m] + start / 16 : nullptr;
           L1Lanes lanes;
-          if (rules[m].kind == KeepRule::kRandom && rules[m].bits == nullptr) {
+          if (rules[m].kind == KeepRule::kRandom) {
             with_bool(b != nullptr, [&](auto has_base) {
               l1_random_chunk<decltype(has_base)::value>(rules[m], x, b, start, len, lanes, bits, buf[2],
                                                          keep.data());
             });
           } else {
-            const uint8_t* drawn = draw_keep(rules[m], start, len, drawn_scratch);
             with_bool(b != nullptr, [&](auto has_base) {
               with_keep_kind(rules[m].kind, [&](auto kind) {
-                const KeepTest<decltype(kind)::value> keep_of(rules[m], start, len, drawn);
+                const KeepTest<decltype(kind)::value> keep_of(rules[m], start, len, nullptr);  // not kRandom
                 delta_and_keep<decltype(has_base)::value>(x, b, keep_of, static_cast<int32_t>(len), buf[2],
                                                           keep.data());
               });
             });
             add_l1_lanes(buf[2], keep.data(), len, lanes);
-            if (bits != nullptr) pack_keep(keep.data(), len, bits);
           }
           lanes.fold(sums[2 * m], sums[2 * m + 1]);
         }
@@ -655,14 +644,7 @@ VectorKeep vector_keep(const KeepRule& rule, int64_t start, int64_t len, uint16_
   k.key_b = rule.key_b;
   k.last = chunk_last(rule.cutoff, start, len);
   k.last_b = chunk_last(rule.cutoff_b, start, len);
-  if (rule.kind == KeepRule::kRandom) {
-    if (rule.bits != nullptr) {
-      k.words = rule.bits + start / 16;
-    } else {
-      philox_keep_words(rule.seed, rule.limit, rule.p, start, len, scratch);
-      k.words = scratch;
-    }
-  }
+  if (rule.kind == KeepRule::kRandom) k.words = keep_words(rule, start, len, scratch);
   return k;
 }
 

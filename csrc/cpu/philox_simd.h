@@ -131,26 +131,8 @@ inline void philox_uniform_fill(uint64_t seed, int64_t first, int64_t n, float* 
   for (; i < n; ++i) out[i] = philox_uniform(seed, first + i);
 }
 
-// keep[i] = philox_uniform(seed, first + i) < p as 0 / 1, i < n, with limit = philox_keep_limit(p).
-inline void philox_keep_fill(uint64_t seed, uint32_t limit, float p, int64_t first, int64_t n, uint8_t* keep) {
-  int64_t i = 0;
-#if defined(PK_AVX512)
-  const PhiloxKeys key(seed);
-  const __m512i bound = _mm512_set1_epi32(static_cast<int32_t>(limit));  // limit <= 2^31: compare unsigned
-  const __m128i one = _mm_set1_epi8(1);
-  for (; i + 32 <= n && same_high_word(first + i); i += 32) {
-    __m512i x[2];
-    philox_x32(key, first + i, x);
-    for (int h = 0; h < 2; ++h) {
-      const __mmask16 kept = _mm512_cmplt_epu32_mask(x[h], bound);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + i + 16 * h), _mm_maskz_mov_epi8(kept, one));
-    }
-  }
-#endif
-  for (; i < n; ++i) keep[i] = philox_uniform(seed, first + i) < p;
-}
-
-// philox_keep_fill's decisions packed 16 to a word (bit i % 16 of words[i / 16]); `first` is a multiple of 16.
+// Bit i % 16 of words[i / 16] = philox_uniform(seed, first + i) < p, i < n, with limit = philox_keep_limit(p).
+// `first` is a multiple of 16.
 inline void philox_keep_words(uint64_t seed, uint32_t limit, float p, int64_t first, int64_t n, uint16_t* words) {
   int64_t i = 0;
 #if defined(PK_AVX512)
